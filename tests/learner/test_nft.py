@@ -251,20 +251,21 @@ def test_dynamic_reference_controller_step_by_step():
     ctrl = DynamicReferenceController()
     assert ctrl.kl_threshold == 0.15
     assert not ctrl.should_copy(0.9, 0)  # nothing is copied at the first epoch
-    assert ctrl.should_copy(0.2, 1)  # KL above 0.15; a quick copy, but the threshold is at its top
-    assert ctrl.kl_threshold == pytest.approx(0.15) and ctrl.last_copy_epoch == 1
-    assert not any(ctrl.should_copy(0.01, e) for e in range(2, 17))  # 15 epochs since: not yet stale
-    assert ctrl.should_copy(0.01, 17)  # 16 > 15 epochs without a copy
+    assert not ctrl.should_copy(0.15, 1)  # strictly above the threshold is needed
+    assert ctrl.should_copy(0.2, 2)  # KL above 0.15; a quick copy, but the threshold is at its top
+    assert ctrl.kl_threshold == pytest.approx(0.15) and ctrl.last_copy_epoch == 2
+    assert not any(ctrl.should_copy(0.01, e) for e in range(3, 18))  # 15 epochs since: not yet stale
+    assert ctrl.should_copy(0.01, 18)  # 16 > 15 epochs without a copy: tighten
     assert ctrl.kl_threshold == pytest.approx(0.14)
-    assert ctrl.should_copy(0.145, 18)  # now above the lowered threshold, 1 epoch after: loosen
-    assert ctrl.kl_threshold == pytest.approx(0.15)
-    assert not ctrl.should_copy(0.15, 19)  # strictly above is needed
+    assert not ctrl.should_copy(0.13, 19)
     assert ctrl.should_copy(0.3, 24)  # 6 epochs after: neither quick nor stale, threshold unchanged
+    assert ctrl.kl_threshold == pytest.approx(0.14)
+    assert ctrl.should_copy(0.145, 25)  # above the lowered threshold, 1 epoch after: loosen
     assert ctrl.kl_threshold == pytest.approx(0.15)
     restored = DynamicReferenceController()
     restored.load_state_dict(ctrl.state_dict())
     assert restored.state_dict() == ctrl.state_dict()
-    epoch = 24
+    epoch = 25
     for _ in range(20):  # only staleness copies: the threshold walks down to its floor
         epoch += 16
         assert ctrl.should_copy(None, epoch)
