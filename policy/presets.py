@@ -1,0 +1,225 @@
+"""Named policy configurations and the one function that builds a policy from them.
+
+Real presets (Wan2.1-T2V-1.3B made block-causal) load their weights through ``policy.checkpoints``,
+``policy.text_encoder`` and ``policy.vae`` from paths given by configuration. ``tiny-*`` presets are
+randomly initialised, for tests and benchmarks. ``pocket`` is registered by ``policy.pocket.preset``,
+imported on first request.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from policy.pipeline import StreamingVideoPolicy, TextEncoder, VideoCodec
+from policy.sampler import SamplerConfig
+from policy.transformer_causal_wan import CausalWanTransformer3DModel
+
+WAN21_T2V_1_3B: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+
+TINY_TRANSFORMER: dict[str, Any] = {
+    **WAN21_T2V_1_3B,
+    "num_attention_heads": 2,
+    "attention_head_dim": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "text_dim": 32,
+    "freq_dim": 32,
+    "ffn_dim": 128,
+    "num_layers": 2,
+}
+
+CheckpointKind = Literal["self_forcing", "causal_forcing", "causal_forcing_framewise", "longlive", "random"]
+
+
+class PolicyPreset(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    transformer: dict[str, Any]
+    frames_per_chunk: int = Field(gt=0)
+    num_chunks: int = Field(gt=0)
+    latent_shape: tuple[int, int, int]
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    local_window: int | None = None
+    sink_frames: int = 0
+    checkpoint_kind: CheckpointKind = "random"
+    checkpoint_path: str | None = None
+    lora_path: str | None = None  # LongLive ships its LoRA separately; merged at load
+    text_encoder_path: str | None = None
+    vae_path: str | None = None
+
+    def with_paths(self, **paths: str | None) -> PolicyPreset:
+        unknown = set(paths) - {"checkpoint_path", "lora_path", "text_encoder_path", "vae_path"}
+        if unknown:
+            raise ValueError(f"unknown preset path fields: {sorted(unknown)}")
+        return self.model_copy(update=paths)
+
+
+_REGISTRY: dict[str, PolicyPreset] = {}
+_LAZY_MODULES = {"pocket": "policy.pocket.preset"}
+
+
+def register_preset(preset: PolicyPreset) -> PolicyPreset:
+    _REGISTRY[preset.name] = preset
+    return preset
+
+
+def get_preset(name: str) -> PolicyPreset:
+    if name not in _REGISTRY and name in _LAZY_MODULES:
+        importlib.import_module(_LAZY_MODULES[name])
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown policy preset {name!r}; known: {sorted(set(_REGISTRY) | set(_LAZY_MODULES))}")
+    return _REGISTRY[name]
+
+
+def list_presets() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_LAZY_MODULES))
+
+
+def _require(preset: PolicyPreset, field: str) -> str:
+    value = getattr(preset, field)
+    if not value:
+        raise ValueError(f"preset {preset.name!r} needs {field} to build a policy (set it in the config)")
+    return value
+
+
+def build_policy(
+    preset: PolicyPreset | str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    text_encoder: TextEncoder | None = None,
+    codec: VideoCodec | None = None,
+    seed: int = 0,
+) -> StreamingVideoPolicy:
+    """A ready policy. ``random`` presets draw weights from ``seed``; others load checkpoints.
+
+    An explicitly passed ``text_encoder`` / ``codec`` is used instead of loading one.
+    """
+    if isinstance(preset, str):
+        preset = get_preset(preset)
+    if preset.checkpoint_kind == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            transformer = CausalWanTransformer3DModel(**preset.transformer)
+    else:
+        from policy import checkpoints
+
+        kwargs = {"lora_path": preset.lora_path} if preset.lora_path else {}
+        transformer = checkpoints.load_transformer_checkpoint(
+            _require(preset, "checkpoint_path"), preset.transformer, preset.checkpoint_kind, **kwargs
+        )
+        if text_encoder is None:
+            from policy.text_encoder import load_text_encoder
+
+            text_encoder = load_text_encoder(_require(preset, "text_encoder_path"))
+        if codec is None:
+            from policy.vae import load_vae
+
+            codec = load_vae(_require(preset, "vae_path"))
+    transformer = transformer.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return StreamingVideoPolicy(
+        transformer=transformer,
+        sampler=preset.sampler,
+        frames_per_chunk=preset.frames_per_chunk,
+        num_chunks=preset.num_chunks,
+        latent_shape=preset.latent_shape,
+        text_encoder=text_encoder,
+        codec=codec,
+        local_window=preset.local_window,
+        sink_frames=preset.sink_frames,
+        device=torch.device(device),
+        dtype=dtype,
+    )
+
+
+_REAL = dict(transformer=WAN21_T2V_1_3B, latent_shape=(16, 60, 104))
+register_preset(
+    PolicyPreset(
+        name="self-forcing-1.3b",
+        description="Self-Forcing DMD (chunk-wise, 3 latent frames a chunk, 7 chunks = 81 frames at 480x832)",
+        frames_per_chunk=3,
+        num_chunks=7,
+        checkpoint_kind="self_forcing",
+        **_REAL,
+    )
+)
+register_preset(
+    PolicyPreset(
+        name="causal-forcing-1.3b",
+        description="Causal-Forcing chunk-wise 4-step",
+        frames_per_chunk=3,
+        num_chunks=7,
+        checkpoint_kind="causal_forcing",
+        **_REAL,
+    )
+)
+register_preset(
+    PolicyPreset(
+        name="causal-forcing-framewise-1.3b",
+        description="Causal-Forcing frame-wise 4-step (1 latent frame a chunk)",
+        frames_per_chunk=1,
+        num_chunks=21,
+        checkpoint_kind="causal_forcing_framewise",
+        **_REAL,
+    )
+)
+register_preset(
+    PolicyPreset(
+        name="longlive-1.3b",
+        description="LongLive v1: local attention window of 12 latent frames with 3 sink frames",
+        frames_per_chunk=3,
+        num_chunks=7,
+        local_window=12,
+        sink_frames=3,
+        checkpoint_kind="longlive",
+        **_REAL,
+    )
+)
+
+_TINY = dict(transformer=TINY_TRANSFORMER, latent_shape=(4, 8, 8), checkpoint_kind="random")
+register_preset(PolicyPreset(name="tiny", description="test size, 3-frame chunks", frames_per_chunk=3, num_chunks=3, **_TINY))
+register_preset(
+    PolicyPreset(name="tiny-framewise", description="test size, 1-frame chunks", frames_per_chunk=1, num_chunks=5, **_TINY)
+)
+register_preset(
+    PolicyPreset(
+        name="tiny-window",
+        description="test size with a LongLive-style window (4 frames incl. 1 sink) that evicts",
+        frames_per_chunk=1,
+        num_chunks=6,
+        local_window=4,
+        sink_frames=1,
+        **_TINY,
+    )
+)
+register_preset(
+    PolicyPreset(
+        name="mid",
+        description="benchmark size: dim 256, 4 layers, 8x16x16 latents, 3-frame chunks",
+        transformer={**TINY_TRANSFORMER, "num_attention_heads": 4, "attention_head_dim": 64, "in_channels": 8,
+                     "out_channels": 8, "text_dim": 64, "freq_dim": 64, "ffn_dim": 768, "num_layers": 4},
+        latent_shape=(8, 16, 16),
+        frames_per_chunk=3,
+        num_chunks=4,
+        checkpoint_kind="random",
+    )
+)

@@ -1,0 +1,272 @@
+"""Block-causal Wan transformer: diffusers' ``WanTransformer3DModel`` run chunk by chunk with a KV cache.
+
+The class adds no parameters and renames nothing: config, state-dict keys and PEFT target names are
+those of diffusers, and the inherited ``forward`` is diffusers' bidirectional forward. The added
+entry points take latents frames-first ``[B, F, C, H, W]`` and per-frame timesteps ``[B, F]``:
+
+- ``forward_chunk``: one chunk starting at absolute frame ``start_frame``, attending to the KV cache
+  (earlier chunks) and to itself, writing its own K/V into the cache.
+- ``forward_dense``: a whole sequence in one call under a block-causal mask, optionally with a clean
+  copy of the sequence as context (teacher forcing), the training-side twin of ``forward_chunk``.
+
+Numerics follow the original Wan code: float64 sinusoidal time embedding and RoPE, float32
+statistics for RMSNorm/LayerNorm, float32 modulation.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import WanTransformer3DModel
+from torch.utils.checkpoint import checkpoint
+
+from policy.attention import (
+    block_causal_mask,
+    cross_attention,
+    project_self_qkv,
+    project_text_kv,
+    rope_cos_sin,
+    scaled_dot_product,
+    teacher_forcing_mask,
+)
+from policy.kv_cache import ChunkSlots, KVCache
+
+
+def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan's ``[cos, sin]`` timestep embedding, computed in float64. ``timesteps`` is 1-D."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=timesteps.device) / half)
+    angles = timesteps.to(torch.float64)[:, None] * freqs[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class CausalWanTransformer3DModel(WanTransformer3DModel):
+    """Wan2.1 transformer with block-causal, KV-cached forwards (see module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = self.config
+        if cfg.patch_size[0] != 1:
+            raise ValueError(f"block-causal generation needs a temporal patch of 1, got patch_size={cfg.patch_size}")
+        if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None:
+            raise ValueError("image conditioning (image_dim / added_kv_proj_dim) is not supported by the causal model")
+        self.forward_calls = 0  # model calls
+        self.sample_forwards = 0  # model calls weighted by batch size: one per video per chunk forward
+
+    # ------------------------------------------------------------------------------ geometry
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        _, ph, pw = self.config.patch_size
+        if height % ph or width % pw:
+            raise ValueError(f"latent size {height}x{width} is not divisible by patch {ph}x{pw}")
+        return (height // ph) * (width // pw)
+
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        max_frames: int,
+        height: int,
+        width: int,
+        local_window: int | None = None,
+        sink_frames: int = 0,
+    ) -> KVCache:
+        return KVCache.for_model(
+            self, batch_size, max_frames, self.tokens_per_frame(height, width), local_window, sink_frames
+        )
+
+    # ---------------------------------------------------------------------------- embeddings
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        if latents.ndim != 5 or latents.shape[2] != self.config.in_channels:
+            raise ValueError(
+                f"latents must be [B, F, C={self.config.in_channels}, H, W], got shape {tuple(latents.shape)}"
+            )
+        self.tokens_per_frame(*latents.shape[3:])
+
+    def _patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(latents.permute(0, 2, 1, 3, 4).to(self.patch_embedding.weight.dtype))
+        return x.flatten(2).transpose(1, 2).contiguous()
+
+    def _time_embedding(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame ``temb [B, F, dim]`` and block modulation ``[B, F, 6, dim]`` (float32)."""
+        emb = self.condition_embedder
+        sinus = sinusoidal_embedding(timesteps.flatten(), self.config.freq_dim)
+        temb = emb.time_embedder(sinus.to(emb.time_embedder.linear_1.weight.dtype))
+        mod = emb.time_proj(emb.act_fn(temb.to(emb.time_proj.weight.dtype)))
+        shape = timesteps.shape
+        return temb.float().unflatten(0, shape), mod.float().unflatten(0, shape).unflatten(-1, (6, -1))
+
+    def text_kv(self, encoder_hidden_states: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Cross-attention K/V of every layer for a text conditioning ``[B, S, text_dim]``."""
+        text = self.condition_embedder.text_embedder(encoder_hidden_states.to(self.proj_out.weight.dtype))
+        keys, values = [], []
+        for block in self.blocks:
+            k, v = project_text_kv(block.attn2, text)
+            keys.append(k)
+            values.append(v)
+        return keys, values
+
+    @staticmethod
+    def _per_frame_timesteps(timesteps: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+        t = torch.as_tensor(timesteps)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.ndim == 1:
+            t = t[:, None].expand(batch, frames)
+        if t.shape != (batch, frames):
+            raise ValueError(f"timesteps must be [B], [B, F] or a scalar for B={batch}, F={frames}; got {tuple(t.shape)}")
+        return t
+
+    # -------------------------------------------------------------------------------- blocks
+    def _block(self, block, x, mod, text_k, text_v, self_attn):
+        """diffusers' ``WanTransformerBlock.forward`` with modulation per frame instead of per video."""
+        b, s, d = x.shape
+        frames = mod.shape[1]
+        shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table.float()[:, None] + mod).chunk(6, dim=2)
+
+        def per_frame(t):  # [B, S, D] -> [B, F, S/F, D] so [B, F, 1, D] modulation broadcasts
+            return t.view(b, frames, s // frames, d)
+
+        normed = (block.norm1(per_frame(x).float()) * (1 + scale) + shift).type_as(x).view(b, s, d)
+        attn_out = self_attn(block.attn1, normed)
+        x = (per_frame(x).float() + per_frame(attn_out) * gate).type_as(x).view(b, s, d)
+
+        x = x + cross_attention(block.attn2, block.norm2(x.float()).type_as(x), text_k, text_v)
+
+        normed = (block.norm3(per_frame(x).float()) * (1 + c_scale) + c_shift).type_as(x).view(b, s, d)
+        ff = block.ffn(normed)
+        return (per_frame(x).float() + per_frame(ff).float() * c_gate).type_as(x).view(b, s, d)
+
+    def _run_blocks(self, x, mod, text_keys, text_values, make_self_attn):
+        for i, block in enumerate(self.blocks):
+            args = (block, x, mod, text_keys[i], text_values[i], make_self_attn(i))
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = checkpoint(self._block, *args, use_reentrant=False)
+            else:
+                x = self._block(*args)
+        return x
+
+    def _head(self, x: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Output norm, projection and unpatchify to frames-first ``[B, F, C, H, W]``."""
+        b, s, d = x.shape
+        frames, hp, wp = grid
+        shift, scale = (self.scale_shift_table.float()[:, None] + temb[:, :, None]).chunk(2, dim=2)
+        x = x.view(b, frames, s // frames, d)
+        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        x = self.proj_out(x.view(b, s, d))
+        _, ph, pw = self.config.patch_size
+        x = x.reshape(b, frames, hp, wp, ph, pw, -1)  # temporal patch is 1
+        return x.permute(0, 1, 6, 2, 4, 3, 5).reshape(b, frames, -1, hp * ph, wp * pw)
+
+    def _rope(self, frame_positions: torch.Tensor, hp: int, wp: int):
+        return rope_cos_sin(self.config.attention_head_dim, frame_positions, hp, wp)
+
+    def _count(self, batch: int) -> None:
+        self.forward_calls += 1
+        self.sample_forwards += batch
+
+    # ------------------------------------------------------------------------ entry points
+    def forward_chunk(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        kv_cache: KVCache,
+        start_frame: int,
+        encoder_hidden_states: torch.Tensor | None = None,
+        write_cache: bool = True,
+    ) -> torch.Tensor:
+        """Flow prediction ``[B, f, C, H, W]`` for one chunk starting at absolute frame ``start_frame``.
+
+        Attends to the cached frames visible from this chunk and to the chunk itself. With
+        ``write_cache`` the chunk's K/V (after RoPE) overwrite its slots in ``kv_cache``. The text
+        K/V are computed from ``encoder_hidden_states`` on the first call and cached after that.
+        """
+        self._check_latents(latents)
+        b, frames, _, h, w = latents.shape
+        t = self._per_frame_timesteps(timesteps, b, frames)
+        _, ph, pw = self.config.patch_size
+        grid = (frames, h // ph, w // pw)
+        self._count(b)
+
+        if not kv_cache.has_text():
+            if encoder_hidden_states is None:
+                raise ValueError("encoder_hidden_states is required until the cache holds the text K/V")
+            keys, values = self.text_kv(encoder_hidden_states)
+            if keys[0].shape[0] == 1 and b > 1:
+                keys = [k.expand(b, -1, -1, -1) for k in keys]
+                values = [v.expand(b, -1, -1, -1) for v in values]
+            kv_cache.set_text(keys, values)
+
+        x = self._patchify(latents)
+        temb, mod = self._time_embedding(t)
+        positions = torch.arange(start_frame, start_frame + frames, device=x.device)
+        cos, sin = self._rope(positions, grid[1], grid[2])
+        chunk: ChunkSlots = kv_cache.plan_chunk(start_frame, frames, write_cache)
+
+        def make_self_attn(layer: int):
+            def self_attn(attn, normed):
+                q, k, v = project_self_qkv(attn, normed, cos, sin)
+                keys, values = kv_cache.attend(layer, k, v, chunk)
+                return attn.to_out[1](attn.to_out[0](scaled_dot_product(q, keys, values)))
+
+            return self_attn
+
+        x = self._run_blocks(x, mod, kv_cache.text_keys, kv_cache.text_values, make_self_attn)
+        return self._head(x, temb, grid)
+
+    def forward_dense(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        frames_per_chunk: int,
+        clean_latents: torch.Tensor | None = None,
+        clean_timesteps: torch.Tensor | None = None,
+        local_window: int | None = None,
+        sink_frames: int = 0,
+        start_frame: int = 0,
+    ) -> torch.Tensor:
+        """Flow prediction ``[B, F, C, H, W]`` for a whole sequence in one call.
+
+        Without ``clean_latents``: chunk ``i`` attends to chunks ``<= i`` of the same sequence
+        (``block_causal_mask``). With ``clean_latents`` (teacher forcing): the model runs on
+        ``[clean | noisy]`` and each noisy chunk attends to the clean copy of earlier chunks and to
+        itself (``teacher_forcing_mask``); ``clean_timesteps`` default to 0. Only the noisy part's
+        prediction is returned. The clean copy shares the noisy copy's RoPE positions.
+        """
+        self._check_latents(latents)
+        b, frames, _, h, w = latents.shape
+        t = self._per_frame_timesteps(timesteps, b, frames)
+        _, ph, pw = self.config.patch_size
+        grid = (frames, h // ph, w // pw)
+        tpf = grid[1] * grid[2]
+        positions = torch.arange(start_frame, start_frame + frames, device=latents.device)
+
+        if clean_latents is None:
+            x = self._patchify(latents)
+            temb, mod = self._time_embedding(t)
+            cos, sin = self._rope(positions, grid[1], grid[2])
+            mask = block_causal_mask(frames, frames_per_chunk, tpf, local_window, sink_frames, x.device)
+        else:
+            if clean_latents.shape != latents.shape:
+                raise ValueError(f"clean_latents {tuple(clean_latents.shape)} != latents {tuple(latents.shape)}")
+            ct = torch.zeros_like(t) if clean_timesteps is None else self._per_frame_timesteps(clean_timesteps, b, frames)
+            x = self._patchify(torch.cat([clean_latents, latents], dim=1))
+            temb, mod = self._time_embedding(torch.cat([ct, t], dim=1))
+            cos, sin = self._rope(torch.cat([positions, positions]), grid[1], grid[2])
+            mask = teacher_forcing_mask(frames, frames_per_chunk, tpf, local_window, sink_frames, x.device)
+        self._count(b)
+
+        text_keys, text_values = self.text_kv(encoder_hidden_states)
+        if text_keys[0].shape[0] == 1 and b > 1:
+            text_keys = [k.expand(b, -1, -1, -1) for k in text_keys]
+            text_values = [v.expand(b, -1, -1, -1) for v in text_values]
+
+        def make_self_attn(layer: int):
+            def self_attn(attn, normed):
+                q, k, v = project_self_qkv(attn, normed, cos, sin)
+                return attn.to_out[1](attn.to_out[0](scaled_dot_product(q, k, v, mask)))
+
+            return self_attn
+
+        x = self._run_blocks(x, mod, text_keys, text_values, make_self_attn)
+        if clean_latents is not None:
+            x, temb = x[:, frames * tpf :], temb[:, frames:]
+        return self._head(x, temb, grid)
