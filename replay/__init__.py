@@ -1,0 +1,107 @@
+"""Replay: the `CandidateGroup` record, its Arrow codec, and the Redis and local-file stores.
+
+    store = replay.open_store("redis://127.0.0.1:6379/0?prefix=run1:")   # or "file:///path", or None
+    store.push(group)                                   # rollout worker
+    for d in store.pull(4, consumer="learner-0", block_ms=1000):
+        ...update...
+        store.ack(d)                                    # after the update that used it
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from replay.codec import CorruptRecordError, UnsupportedSchemaError, decode, encode
+from replay.record import SCHEMA_VERSION, CandidateGroup
+from replay.store import (
+    Delivery,
+    ReplayError,
+    ReplayFullError,
+    ReplayStats,
+    ReplayStore,
+    ReplayUnavailableError,
+    StoreOptions,
+    min_policy_version,
+)
+
+DEFAULT_DIR = "runs/replay"
+PASSWORD_ENV = "ARCOPO_REDIS_PASSWORD"
+URL_ENV = "ARCOPO_REPLAY_URL"
+# Query parameters of a redis:// URL passed to the connection rather than to StoreOptions.
+CONNECTION_PARAMS = {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname", "client_name"}
+
+__all__ = [
+    "CandidateGroup",
+    "CorruptRecordError",
+    "Delivery",
+    "ReplayError",
+    "ReplayFullError",
+    "ReplayStats",
+    "ReplayStore",
+    "ReplayUnavailableError",
+    "SCHEMA_VERSION",
+    "StoreOptions",
+    "UnsupportedSchemaError",
+    "decode",
+    "encode",
+    "min_policy_version",
+    "open_store",
+]
+
+
+def open_store(url: str | os.PathLike | None = None, **options: Any) -> ReplayStore:
+    """Open the store a URL names; keyword options override the URL's query parameters.
+
+    - `redis://[user:password@]host:port/db?prefix=...&max_queue_len=...` (`rediss://` for TLS). The
+      password comes from the URL or else from the ARCOPO_REDIS_PASSWORD environment variable.
+    - `file:///absolute/dir`, `file://relative/dir` or a plain path: the embedded local store.
+    - None: $ARCOPO_REPLAY_URL if set, else a local store in `runs/replay`.
+    Option names are `StoreOptions` fields; an unknown one raises ValueError naming it.
+    """
+    if url is None:
+        url = os.environ.get(URL_ENV) or DEFAULT_DIR
+    url = os.fspath(url)
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    if parts.scheme in ("redis", "rediss"):
+        return _open_redis(parts, query, options)
+    if parts.scheme in ("file", ""):
+        from replay.local_store import LocalStore
+
+        path = url if parts.scheme == "" else unquote(parts.netloc + parts.path)
+        if not path:
+            raise ValueError(f"replay store URL {url!r} names no directory")
+        return LocalStore(Path(path), _options({**query, **options}, url))
+    raise ValueError(f"unknown replay store URL scheme {parts.scheme!r} in {url!r}; use redis://, rediss:// or file://")
+
+
+def _options(values: dict[str, Any], url: str) -> StoreOptions:
+    unknown = sorted(set(values) - set(StoreOptions.model_fields))
+    if unknown:
+        raise ValueError(f"unknown replay store option(s) {unknown} for {url!r}; known: {sorted(StoreOptions.model_fields)}")
+    return StoreOptions(**values)
+
+
+def _open_redis(parts, query: dict[str, str], options: dict[str, Any]) -> ReplayStore:
+    from replay.redis_store import RedisStore
+
+    connection: dict[str, Any] = {k: query.pop(k) for k in list(query) if k in CONNECTION_PARAMS}
+    for flag in ("ssl_check_hostname",):
+        if flag in connection:
+            connection[flag] = connection[flag].lower() in ("1", "true", "yes")
+    db_text = parts.path.lstrip("/") or "0"
+    if not db_text.isdigit():
+        raise ValueError(f"Redis URL path must be a database number, got {parts.path!r}")
+    connection.update(host=parts.hostname or "localhost", port=parts.port or 6379, db=int(db_text))
+    if parts.username:
+        connection["username"] = unquote(parts.username)
+    password = unquote(parts.password) if parts.password else os.environ.get(PASSWORD_ENV)
+    if password:
+        connection["password"] = password
+    if parts.scheme == "rediss":
+        connection["ssl"] = True
+    safe_url = f"{parts.scheme}://{connection['host']}:{connection['port']}/{connection['db']}"
+    return RedisStore(connection, _options({**query, **options}, safe_url))
