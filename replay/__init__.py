@@ -31,7 +31,9 @@ DEFAULT_DIR = "runs/replay"
 PASSWORD_ENV = "ARCOPO_REDIS_PASSWORD"
 URL_ENV = "ARCOPO_REPLAY_URL"
 # Query parameters of a redis:// URL passed to the connection rather than to StoreOptions.
-CONNECTION_PARAMS = {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname", "client_name"}
+CONNECTION_PARAMS = {
+    "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname", "client_name",
+}
 
 __all__ = [
     "CandidateGroup",
@@ -81,7 +83,8 @@ def open_store(url: str | os.PathLike | None = None, **options: Any) -> ReplaySt
 def _options(values: dict[str, Any], url: str) -> StoreOptions:
     unknown = sorted(set(values) - set(StoreOptions.model_fields))
     if unknown:
-        raise ValueError(f"unknown replay store option(s) {unknown} for {url!r}; known: {sorted(StoreOptions.model_fields)}")
+        known = sorted(StoreOptions.model_fields)
+        raise ValueError(f"unknown replay store option(s) {unknown} for {url!r}; known: {known}")
     return StoreOptions(**values)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -46,6 +47,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "bool": 1}
 
 HEADER_COLUMNS: dict[str, pa.DataType] = {
     "group_id": pa.utf8(),
@@ -231,7 +233,7 @@ def _decode(payload: bytes | bytearray | memoryview) -> CandidateGroup:
             continue
         dtype, shape = _tensor_description(name, field.metadata or {})
         data = _value_bytes(column, view)
-        expected = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=DTYPES[dtype]).element_size()
+        expected = math.prod(shape) * ITEMSIZE[dtype]
         if len(data) != expected:
             raise CorruptRecordError(
                 "shape", f"{name}: {len(data)} bytes stored, but {dtype} {shape} needs {expected} bytes"
@@ -243,7 +245,9 @@ def _decode(payload: bytes | bytearray | memoryview) -> CandidateGroup:
     if stored != actual:
         raise CorruptRecordError("checksum", f"checksum mismatch: stored {stored[:30]}..., computed {actual[:30]}...")
 
-    values = {name: _to_tensor(data, DTYPES[dtype], shape, writable) for name, dtype, shape, data in tensors if data is not None}
+    values = {
+        name: _to_tensor(data, dtype, shape, writable) for name, dtype, shape, data in tensors if data is not None
+    }
     heads = header.pop("reward_heads")
     rewards = values.pop("rewards")
     if rewards.ndim != 2 or rewards.shape[0] != len(heads) or len(set(heads)) != len(heads):
@@ -279,11 +283,10 @@ def _value_bytes(column: pa.Array, view: memoryview) -> memoryview:
     return memoryview(data_buf)[start:end]
 
 
-def _to_tensor(data: memoryview, dtype: torch.dtype, shape: list[int], writable: bool) -> torch.Tensor:
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+def _to_tensor(data: memoryview, dtype: str, shape: list[int], writable: bool) -> torch.Tensor:
     if len(data) == 0:
-        return torch.empty(shape, dtype=dtype)
-    aligned = np.frombuffer(data, dtype=np.uint8).ctypes.data % itemsize == 0
+        return torch.empty(shape, dtype=DTYPES[dtype])
+    aligned = np.frombuffer(data, dtype=np.uint8).ctypes.data % ITEMSIZE[dtype] == 0
     if not (writable and aligned and not data.readonly):
         data = memoryview(bytearray(data))  # one copy: tensors never alias read-only memory
-    return torch.frombuffer(data, dtype=dtype).reshape(shape)
+    return torch.frombuffer(data, dtype=DTYPES[dtype]).reshape(shape)

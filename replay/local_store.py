@@ -242,7 +242,9 @@ class LocalStore(ReplayStore):
             cap = self.options.buffer_max_size
             if cap is not None and len(table) >= cap:
                 self._unlink("buffer", name)
-                raise ReplayFullError(f"replay buffer at {self.root} holds buffer_max_size={cap} groups; {group_id} not added")
+                raise ReplayFullError(
+                    f"replay buffer at {self.root} holds buffer_max_size={cap} groups; {group_id} not added"
+                )
             state["seq"] += 1
             table[group_id] = {"file": name, "seq": state["seq"], "sampled": 0}
             state["stats"]["buffer_added"] += 1

@@ -130,7 +130,9 @@ class CandidateGroup(BaseModel):
     @model_validator(mode="after")
     def _check_shapes(self) -> CandidateGroup:
         if self.schema_version != SCHEMA_VERSION:
-            raise ValueError(f"schema_version {self.schema_version} is not {SCHEMA_VERSION}, the version this code writes")
+            raise ValueError(
+                f"schema_version {self.schema_version} is not {SCHEMA_VERSION}, the version this code writes"
+            )
         if self.pivot >= self.num_chunks:
             raise ValueError(f"pivot {self.pivot} must be < num_chunks {self.num_chunks} (0-based chunk index)")
         G = self.group_size

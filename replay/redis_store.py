@@ -29,6 +29,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from replay.codec import CorruptRecordError, decode
+from replay.redis_scripts import ACK, ADMIT, BUFFER_ADD
 from replay.store import (
     COUNTERS,
     Delivery,
@@ -43,48 +44,6 @@ from replay.store import (
 )
 
 T = TypeVar("T")
-
-ADMIT = """
-local done = redis.call('GET', KEYS[4])
-if done then return done end
-if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then
-  redis.call('HINCRBY', KEYS[3], 'refused_applied', 1)
-  return 'applied'
-end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
-for i = 5, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 0 then return 'lost' end
-end
-for i = 5, #KEYS do redis.call('PERSIST', KEYS[i]) end
-local id = redis.call('XADD', KEYS[1], '*', 'gid', ARGV[2], 'pv', ARGV[3], 'token', ARGV[4],
-                      'chunks', ARGV[5], 'nbytes', ARGV[6])
-redis.call('SET', KEYS[4], id, 'EX', ARGV[7])
-redis.call('HINCRBY', KEYS[3], 'pushed', 1)
-return id
-"""
-
-ACK = """
-local first = redis.call('SADD', KEYS[2], ARGV[3])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-for i = 4, #KEYS do redis.call('UNLINK', KEYS[i]) end
-if first == 1 then redis.call('HINCRBY', KEYS[3], 'acked', 1) end
-return first
-"""
-
-BUFFER_ADD = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
-local cap = tonumber(ARGV[3])
-if cap > 0 and redis.call('HLEN', KEYS[1]) >= cap then return -1 end
-for i = 4, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 0 then return -2 end
-end
-for i = 4, #KEYS do redis.call('PERSIST', KEYS[i]) end
-local seq = redis.call('INCR', KEYS[3])
-redis.call('HSET', KEYS[1], ARGV[1], seq .. ' ' .. ARGV[2])
-redis.call('HINCRBY', KEYS[2], 'buffer_added', 1)
-return 1
-"""
 
 UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
 
@@ -133,8 +92,8 @@ class RedisStore(ReplayStore):
             except UNAVAILABLE as err:
                 last = err
             except redis.ResponseError as err:
-                if "NOGROUP" not in str(err):  # the stream vanished (a restarted Redis without persistence)
-                    raise
+                if "NOGROUP" not in str(err) and "no such key" not in str(err):
+                    raise  # otherwise the stream vanished (a restarted Redis without persistence): recreate it
                 last = err
                 with contextlib.suppress(*UNAVAILABLE):
                     self._ensure_group()
@@ -185,7 +144,8 @@ class RedisStore(ReplayStore):
         deadline = time.monotonic() + timeout_s
         while True:
             args = [o.max_queue_len, group_id, int(policy_version), token, len(keys), size, ttl]
-            result = self._retry(lambda: self._admit(keys=[self._queue, self._applied, self._stats_key, marker, *keys], args=args), what)
+            script_keys = [self._queue, self._applied, self._stats_key, marker, *keys]
+            result = self._retry(lambda: self._admit(keys=script_keys, args=args), what)
             if result == b"applied":
                 self._delete_quietly(keys)
                 return None
@@ -223,7 +183,9 @@ class RedisStore(ReplayStore):
         if len(entries) < n:
             remaining_ms = (deadline - time.monotonic()) * 1000
             block = None if entries or remaining_ms < 1 else int(max(1, min(remaining_ms, o.socket_timeout_s * 500)))
-            response = self._redis.xreadgroup(o.consumer_group, consumer, {self._queue: ">"}, count=n - len(entries), block=block)
+            response = self._redis.xreadgroup(
+                o.consumer_group, consumer, {self._queue: ">"}, count=n - len(entries), block=block
+            )
             for _, stream_entries in response or []:
                 entries.extend((_text(eid), fields, False) for eid, fields in stream_entries if fields)
         return entries
@@ -282,7 +244,8 @@ class RedisStore(ReplayStore):
                 return None  # acked meanwhile by the consumer it was reclaimed from
             raise CorruptRecordError("truncated", f"payload chunk of {gid} is missing")
         if sum(len(p) for p in pieces) != nbytes:
-            raise CorruptRecordError("truncated", f"payload of {gid} has {sum(len(p) for p in pieces)} bytes, entry says {nbytes}")
+            found = sum(len(p) for p in pieces)
+            raise CorruptRecordError("truncated", f"payload of {gid} has {found} bytes, entry says {nbytes}")
         payload = bytearray(nbytes)
         at = 0
         for p in pieces:
@@ -345,14 +308,17 @@ class RedisStore(ReplayStore):
         while True:
             token, keys, size = self._write_blobs(payload, 3600, f"buffer_add of group {group_id}")
             args = [group_id, f"{token} {len(keys)} {size}", cap]
-            result = self._retry(lambda: self._buffer_admit(keys=[self._buffer, self._stats_key, self._seq, *keys], args=args), "buffer_add")
+            script_keys = [self._buffer, self._stats_key, self._seq, *keys]
+            result = self._retry(lambda: self._buffer_admit(keys=script_keys, args=args), "buffer_add")
             if result == 1:
                 return True
             self._delete_quietly(keys)
             if result == 0:
                 return False
             if result == -1:
-                raise ReplayFullError(f"replay buffer {self._buffer} holds buffer_max_size={cap} groups; {group_id} not added")
+                raise ReplayFullError(
+                    f"replay buffer {self._buffer} holds buffer_max_size={cap} groups; {group_id} not added"
+                )
 
     def _table(self, raw: dict[bytes, bytes]) -> dict[str, tuple[int, list[str], int]]:
         table = {}

@@ -91,7 +91,8 @@ class ReplayStats(BaseModel):
     buffer_removed: int = 0
 
 
-COUNTERS = tuple(name for name in ReplayStats.model_fields if name not in {"queue_length", "pending", "buffer_size", "dead_letters"})
+GAUGES = {"queue_length", "pending", "buffer_size", "dead_letters"}
+COUNTERS = tuple(name for name in ReplayStats.model_fields if name not in GAUGES)
 
 
 def min_policy_version(current_version: int, max_lag: int) -> int:
@@ -146,7 +147,9 @@ class ReplayStore(abc.ABC):
         return self.push_encoded(encode(group), group.group_id, group.policy_version, timeout_s)
 
     @abc.abstractmethod
-    def push_encoded(self, payload: bytes | bytearray, group_id: str, policy_version: int, timeout_s: float | None = None) -> str | None:
+    def push_encoded(
+        self, payload: bytes | bytearray, group_id: str, policy_version: int, timeout_s: float | None = None
+    ) -> str | None:
         """`push` for a payload already encoded by `replay.codec.encode` (validated when pulled)."""
 
     @abc.abstractmethod

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import numpy as np
 import pytest
+import redis
 import torch
 
 import replay
 from replay import record as record_module
 from replay.codec import encode
+from replay.local_store import LocalStore
 from replay.record import CandidateGroup
 from replay_testing import assert_same_group, group
 
@@ -235,3 +238,31 @@ def test_import_with_a_corrupt_file_names_it_and_adds_nothing(make_store, tmp_pa
     with pytest.raises(replay.CorruptRecordError, match=victim.name):
         target.import_buffer(tmp_path / "ref")
     assert target.buffer_size() == 0
+
+
+def damage_buffer_entry(store, group_id: str) -> None:
+    """Flip one byte in the middle of a buffer entry's stored payload."""
+    if isinstance(store, LocalStore):
+        table = json.loads((store.root / "state.json").read_text())["buffer"]
+        path = store.root / "buffer" / table[group_id]["file"]
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x04
+        path.write_bytes(data)
+    else:
+        client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        _, token, _, _ = client.hget(store.options.prefix + "buffer", group_id).decode().split(" ")
+        key = f"{store.options.prefix}blob:{token}:0"
+        data = bytearray(client.get(key))
+        data[len(data) // 2] ^= 0x04
+        client.set(key, bytes(data))
+
+
+def test_corrupt_buffer_entry_is_removed_counted_and_left_out(make_store):
+    store = make_store()
+    for i in range(3):
+        store.buffer_add(group(i))
+    damage_buffer_entry(store, "group-1")
+    names = {g.group_id for g in store.buffer_sample(60, 0)}
+    assert names == {"group-0", "group-2"}
+    assert store.buffer_size() == 2 and store.stats().corrupt == 1
+    assert {g.group_id for g in store.buffer_sample(60, 1)} == {"group-0", "group-2"}
