@@ -62,7 +62,7 @@ class CheckpointMismatchError(CheckpointError):
 
     def __init__(self, source: str, missing: list[str], unexpected: list[str], shape_mismatches: list[str]):
         self.missing, self.unexpected, self.shape_mismatches = missing, unexpected, shape_mismatches
-        parts = [f"checkpoint {source} does not match the model (names after conversion to diffusers layout):"]
+        parts = [f"checkpoint {source} does not match the model (keys as the model names them):"]
         for title, keys in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
