@@ -178,7 +178,10 @@ class LocalStore(ReplayStore):
             try:
                 payload = _read_file(self.root / "entries" / entry["file"])
             except FileNotFoundError:
-                continue  # acked by a consumer we reclaimed it from: nothing to deliver
+                # Usually acked meanwhile by the consumer we reclaimed it from (then the index no longer
+                # holds it and the dead-letter step skips it); otherwise the file was lost at rest.
+                corrupt.append((eid, entry, "payload file missing"))
+                continue
             try:
                 group = decode(payload)
                 if group.group_id != entry["group_id"]:

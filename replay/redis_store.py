@@ -376,10 +376,16 @@ class RedisStore(ReplayStore):
                     raise CorruptRecordError("truncated", f"buffer payload of {gid} is incomplete")
                 groups[gid] = decode(bytearray(b"".join(pieces)))
             except CorruptRecordError:
-                self._retry(lambda: self._redis.hdel(self._buffer, gid), "buffer_sample")
+                self._forget_buffer_entry(gid)
                 self._delete_quietly(keys)
                 self._count("corrupt")
         return [groups[gid] for gid in draws if gid in groups]
+
+    def _forget_buffer_entry(self, group_id: str) -> None:
+        def run() -> None:
+            self._redis.pipeline().hdel(self._buffer, group_id).hdel(self._sampled, group_id).execute()
+
+        self._retry(run, "buffer_sample")
 
     def buffer_size(self) -> int:
         return int(self._retry(lambda: self._redis.hlen(self._buffer), "buffer_size"))

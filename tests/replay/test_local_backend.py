@@ -66,6 +66,16 @@ def test_damaged_file_at_rest_is_dead_lettered_with_its_bytes_kept(tmp_path):
     assert [p.read_bytes() for p in dead_files] == [bytes(data)]
 
 
+def test_payload_file_lost_at_rest_is_dead_lettered_not_retried_forever(tmp_path):
+    store = replay.open_store(tmp_path / "store", **FAST)
+    entry = store.push(group(0))
+    state = json.loads((tmp_path / "store" / "state.json").read_text())
+    (tmp_path / "store" / "entries" / state["queue"][entry]["file"]).unlink()
+    assert store.pull(5, "learner") == []
+    assert "missing" in store.dead_letters()[0]["reason"]
+    assert store.stats().queue_length == 0
+
+
 def test_default_url_and_url_forms(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(replay.URL_ENV, raising=False)
