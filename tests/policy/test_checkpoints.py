@@ -11,6 +11,7 @@ from tiny_checkpoints import (
     LINEARS_PER_BLOCK,
     TINY_WAN_CONFIG,
     forward,
+    forward_block_causal,
     random_block_lora,
     save_causal_forcing,
     save_longlive,
@@ -27,6 +28,7 @@ from policy.checkpoints import (
     load_transformer_checkpoint,
     read_transformer_state,
 )
+from policy.transformer_causal_wan import CausalWanTransformer3DModel
 
 CLASSES = transformer_classes()
 
@@ -36,6 +38,8 @@ def assert_same_model(loaded, source):
         assert torch.equal(loaded.state_dict()[key], value), key
     inputs = tiny_inputs()
     assert torch.equal(forward(loaded, inputs), forward(source, inputs))
+    if isinstance(loaded, CausalWanTransformer3DModel):
+        assert torch.equal(forward_block_causal(loaded, inputs), forward_block_causal(source, inputs))
 
 
 @pytest.mark.parametrize("cls", CLASSES)
@@ -82,6 +86,9 @@ def test_longlive_base_with_lora_merged_equals_peft_applied_lora(tmp_path, cls):
     assert (forward(loaded, inputs) - expected).abs().max().item() < 1e-4
     # The LoRA matters here: base alone is far from it.
     assert (forward(base, inputs) - expected).abs().max().item() > 1e-2
+    if cls is CausalWanTransformer3DModel:
+        difference = forward_block_causal(loaded, inputs) - forward_block_causal(reference, inputs)
+        assert difference.abs().max().item() < 1e-4
 
     # Same files, explicit paths.
     again = load_transformer_checkpoint(
@@ -164,3 +171,15 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"generator": {"model.x": _NotATensor()}}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="not unpickled"):
         read_transformer_state(tmp_path / "evil.pt", "self_forcing")
+
+
+def test_conversion_covers_the_full_size_wan_1_3b_keys():
+    """The real architecture's original key set converts onto the model's (shapes only, meta tensors)."""
+    from policy.checkpoints import check_state_matches, strip_wrapper_prefixes, wan_to_diffusers
+    from policy.presets import WAN21_T2V_1_3B
+
+    with torch.device("meta"):
+        model = CausalWanTransformer3DModel(**WAN21_T2V_1_3B)
+    original = {"model._fsdp_wrapped_module." + k: v for k, v in to_original_wan_names(model.state_dict()).items()}
+    assert "model._fsdp_wrapped_module.blocks.29.norm3.weight" in original and len(original) == 825
+    check_state_matches(model, wan_to_diffusers(strip_wrapper_prefixes(original)), "full-size key set")

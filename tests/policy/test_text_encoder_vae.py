@@ -245,3 +245,18 @@ def test_wan_vae_pth_loads_through_diffusers_converter(tiny_vae, tmp_path):
     torch.save(wan_state, tmp_path / "Wan2.1_VAE.pth")
     with pytest.raises(CheckpointMismatchError, match=r"decoder\.conv_out\.weight: checkpoint \(3, 2"):
         WanVideoCodec.from_pretrained(tmp_path / "Wan2.1_VAE.pth", config=TINY_VAE)
+
+
+def test_wan_t5_map_covers_umt5_xxl():
+    """umT5-XXL's shapes, in Wan's names, give back the XXL config and the model's full key set."""
+    from policy.checkpoints import check_state_matches
+    from policy.text_encoder import umt5_config_from_wan_state, wan_t5_to_transformers
+
+    xxl = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                     relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
+    with torch.device("meta"):
+        model = UMT5EncoderModel(xxl)
+    wan_state = to_wan_t5_layout(model)
+    config = umt5_config_from_wan_state(wan_state)
+    assert (config.d_model, config.d_kv, config.d_ff, config.num_layers, config.num_heads) == (4096, 64, 10240, 24, 64)
+    check_state_matches(model, wan_t5_to_transformers(wan_state), "umT5-XXL key set")

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 
+from policy.transformer_causal_wan import CausalWanTransformer3DModel
+
 TINY_WAN_CONFIG = dict(
     patch_size=(1, 2, 2),
     num_attention_heads=2,
@@ -31,12 +33,7 @@ TINY_WAN_CONFIG = dict(
 
 def transformer_classes() -> list[type]:
     """The diffusers model and the project's causal subclass (same config, same keys)."""
-    classes: list[type] = [WanTransformer3DModel]
-    try:
-        from policy.transformer_causal_wan import CausalWanTransformer3DModel
-    except ImportError:
-        return classes
-    return classes + [CausalWanTransformer3DModel]
+    return [WanTransformer3DModel, CausalWanTransformer3DModel]
 
 
 def randomize_(model: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.nn.Module:
@@ -66,6 +63,13 @@ def tiny_inputs(seed: int = 1, batch: int = 1, frames: int = 2) -> dict[str, tor
 def forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """diffusers' own forward (the causal subclass is the same network with one chunk)."""
     return WanTransformer3DModel.forward(model, **inputs, return_dict=False)[0]
+
+
+@torch.no_grad()
+def forward_block_causal(model: CausalWanTransformer3DModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The causal model's own path: one latent frame a chunk, frames-first."""
+    latents = inputs["hidden_states"].permute(0, 2, 1, 3, 4)
+    return model.forward_dense(latents, inputs["timestep"], inputs["encoder_hidden_states"], frames_per_chunk=1)
 
 
 # --- diffusers names -> original Wan names (independent of diffusers' converter) ---------------------
