@@ -9,6 +9,7 @@ imported on first request.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -46,7 +47,8 @@ TINY_TRANSFORMER: dict[str, Any] = {
     "num_layers": 2,
 }
 
-CheckpointKind = Literal["self_forcing", "causal_forcing", "causal_forcing_framewise", "longlive", "random"]
+# How ``checkpoint_path`` is read (``policy.checkpoints``); "random" draws fresh weights (test sizes).
+CheckpointKind = Literal["self_forcing", "causal_forcing", "longlive", "diffusers", "random"]
 
 
 class PolicyPreset(BaseModel):
@@ -102,6 +104,16 @@ def _require(preset: PolicyPreset, field: str) -> str:
     return value
 
 
+def _load_text_encoder(path: str, device, dtype) -> TextEncoder:
+    """A transformers/diffusers umT5 directory, or Wan's own T5 checkpoint (file or Wan folder)."""
+    from policy.text_encoder import UMT5TextEncoder
+
+    root = Path(path)
+    if (root / "config.json").is_file() or (root / "text_encoder").is_dir():
+        return UMT5TextEncoder.from_pretrained(root, dtype=dtype, device=device)
+    return UMT5TextEncoder.from_wan_checkpoint(root, dtype=dtype, device=device)
+
+
 def build_policy(
     preset: PolicyPreset | str,
     device: torch.device | str = "cpu",
@@ -117,25 +129,26 @@ def build_policy(
     if isinstance(preset, str):
         preset = get_preset(preset)
     if preset.checkpoint_kind == "random":
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # CPU draws: the same weights on every machine
             torch.manual_seed(seed)
             transformer = CausalWanTransformer3DModel(**preset.transformer)
     else:
-        from policy import checkpoints
+        from policy.checkpoints import load_transformer_checkpoint
 
+        checkpoint = _require(preset, "checkpoint_path")  # every missing path fails before any loading
+        text_path = None if text_encoder is not None else _require(preset, "text_encoder_path")
+        vae_path = None if codec is not None else _require(preset, "vae_path")
+        with torch.device(device):  # skip a full-size CPU initialisation that the load overwrites
+            transformer = CausalWanTransformer3DModel(**preset.transformer)
         kwargs = {"lora_path": preset.lora_path} if preset.lora_path else {}
-        transformer = checkpoints.load_transformer_checkpoint(
-            _require(preset, "checkpoint_path"), preset.transformer, preset.checkpoint_kind, **kwargs
-        )
-        if text_encoder is None:
-            from policy.text_encoder import load_text_encoder
+        load_transformer_checkpoint(checkpoint, transformer, preset.checkpoint_kind, **kwargs)
+        if text_path is not None:
+            text_encoder = _load_text_encoder(text_path, device, dtype)
+        if vae_path is not None:
+            from policy.vae import WanVideoCodec
 
-            text_encoder = load_text_encoder(_require(preset, "text_encoder_path"))
-        if codec is None:
-            from policy.vae import load_vae
-
-            codec = load_vae(_require(preset, "vae_path"))
-    transformer = transformer.to(device=device, dtype=dtype).eval().requires_grad_(False)
+            codec = WanVideoCodec.from_pretrained(vae_path, dtype=dtype, device=device)
+    transformer = transformer.cast(dtype, device).eval().requires_grad_(False)
     return StreamingVideoPolicy(
         transformer=transformer,
         sampler=preset.sampler,
@@ -178,7 +191,7 @@ register_preset(
         description="Causal-Forcing frame-wise 4-step (1 latent frame a chunk)",
         frames_per_chunk=1,
         num_chunks=21,
-        checkpoint_kind="causal_forcing_framewise",
+        checkpoint_kind="causal_forcing",
         **_REAL,
     )
 )

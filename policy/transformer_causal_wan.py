@@ -52,6 +52,16 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         self.forward_calls = 0  # model calls
         self.sample_forwards = 0  # model calls weighted by batch size: one per video per chunk forward
 
+    def cast(self, dtype: torch.dtype, device: torch.device | str | None = None) -> CausalWanTransformer3DModel:
+        """Move to ``dtype``/``device`` keeping diffusers' ``_keep_in_fp32_modules`` in float32."""
+        keep = set(self._keep_in_fp32_modules or ())
+        for name, param in self.named_parameters():
+            target = torch.float32 if keep & set(name.split(".")) else dtype
+            param.data = param.data.to(device=device, dtype=target)
+        for name, buf in self.named_buffers():
+            buf.data = buf.data.to(device=device)
+        return self
+
     # ------------------------------------------------------------------------------ geometry
     def tokens_per_frame(self, height: int, width: int) -> int:
         _, ph, pw = self.config.patch_size

@@ -10,6 +10,15 @@ import torch
 from policy.presets import build_policy, get_preset
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny models are dominated by per-op overhead; a second intra-op thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class ToyTextEncoder:
     """Deterministic stand-in for umT5: each word hashes to a seeded vector, zero past the prompt."""
 
