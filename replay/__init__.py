@@ -51,6 +51,7 @@ __all__ = [
     "encode",
     "min_policy_version",
     "open_store",
+    "redis_connection",
 ]
 
 
@@ -69,7 +70,7 @@ def open_store(url: str | os.PathLike | None = None, **options: Any) -> ReplaySt
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     if parts.scheme in ("redis", "rediss"):
-        return _open_redis(parts, query, options)
+        return _open_redis(url, options)
     if parts.scheme in ("file", ""):
         from replay.local_store import LocalStore
 
@@ -88,13 +89,15 @@ def _options(values: dict[str, Any], url: str) -> StoreOptions:
     return StoreOptions(**values)
 
 
-def _open_redis(parts, query: dict[str, str], options: dict[str, Any]) -> ReplayStore:
-    from replay.redis_store import RedisStore
-
+def redis_connection(url: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Split a redis:// or rediss:// URL into redis-py connection keywords and store option values."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"not a Redis URL: {parts.scheme}://...")
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
     connection: dict[str, Any] = {k: query.pop(k) for k in list(query) if k in CONNECTION_PARAMS}
-    for flag in ("ssl_check_hostname",):
-        if flag in connection:
-            connection[flag] = connection[flag].lower() in ("1", "true", "yes")
+    if "ssl_check_hostname" in connection:
+        connection["ssl_check_hostname"] = connection["ssl_check_hostname"].lower() in ("1", "true", "yes")
     db_text = parts.path.lstrip("/") or "0"
     if not db_text.isdigit():
         raise ValueError(f"Redis URL path must be a database number, got {parts.path!r}")
@@ -106,5 +109,12 @@ def _open_redis(parts, query: dict[str, str], options: dict[str, Any]) -> Replay
         connection["password"] = password
     if parts.scheme == "rediss":
         connection["ssl"] = True
-    safe_url = f"{parts.scheme}://{connection['host']}:{connection['port']}/{connection['db']}"
+    return connection, query
+
+
+def _open_redis(url: str, options: dict[str, Any]) -> ReplayStore:
+    from replay.redis_store import RedisStore
+
+    connection, query = redis_connection(url)
+    safe_url = f"{urlsplit(url).scheme}://{connection['host']}:{connection['port']}/{connection['db']}"
     return RedisStore(connection, _options({**query, **options}, safe_url))

@@ -61,6 +61,20 @@ def test_url_options_and_unknown_options():
         replay.open_store("redis://127.0.0.1:6379/zero")
 
 
+def test_url_parts_become_connection_settings(monkeypatch):
+    monkeypatch.setenv(replay.PASSWORD_ENV, "from-env")
+    connection, options = replay.redis_connection(
+        "rediss://alice@cache.internal:6380/3?prefix=run7:&ssl_ca_certs=/etc/ca.pem&max_queue_len=8"
+    )
+    assert connection == {
+        "host": "cache.internal", "port": 6380, "db": 3, "username": "alice", "password": "from-env",
+        "ssl": True, "ssl_ca_certs": "/etc/ca.pem",
+    }
+    assert options == {"prefix": "run7:", "max_queue_len": "8"}
+    connection, _ = replay.redis_connection("redis://:p%40ss@h/0")
+    assert connection["password"] == "p@ss" and "ssl" not in connection  # the URL's password wins
+
+
 def test_password_comes_from_the_environment_never_the_code(tmp_path, monkeypatch):
     server = ThrowawayRedis(tmp_path, password="s3cret-from-env")
     server.start()
