@@ -85,6 +85,21 @@ def test_results_come_back_matched_to_requests_whatever_order_batches_finish(poo
     assert pool.metrics()["request_latency_s"]["count"] >= 2
 
 
+def test_concurrent_requests_from_threads_each_get_their_own_results(pool):
+    pool.batch_size = 1
+    requests = {k: _videos(4, seed=10 + k) for k in range(3)}
+    out = {}
+    threads = [
+        threading.Thread(target=lambda k=k: out.__setitem__(k, pool.score(requests[k], ["sleep=0.1"] * 4))) for k in requests
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for k, videos in requests.items():
+        _assert_brightness(out[k], videos)
+
+
 def test_raising_and_nan_rewards_invalidate_only_their_samples(pool):
     pool.batch_size = 4
     videos = _videos(4, seed=1)
@@ -105,15 +120,17 @@ def test_raising_and_nan_rewards_invalidate_only_their_samples(pool):
 def test_actor_killed_mid_batch_is_restarted_and_batch_retried(pool, flag_dir):
     pool.batch_size = 2
     (flag_dir / "once").touch()
-    pids = set(pool.actor_pids().values())
+    before_pids = pool.actor_pids()
     videos = _videos(6, seed=2)
     before = pool.metrics()
     results = pool.score(videos, ["a", "b", "c CRASH", "d", "e", "f"])  # os._exit inside the actor
     assert all(r.valid for r in results) and not (flag_dir / "once").exists()
     _assert_brightness(results, videos)
     assert _delta(pool, before, "actor_failures", "batches_retried", "batches", "actors_replaced") == (1, 1, 4, 0)
-    now = set(pool.actor_pids().values())
-    assert pool.num_actors == 2 and len(now) == 2 and len(now & pids) == 1  # one restarted process
+    after_pids = pool.actor_pids()
+    assert after_pids.keys() == before_pids.keys() and pool.num_actors == 2
+    (crashed,) = [label for label in before_pids if after_pids[label] != before_pids[label]]  # restarted
+    assert results[2].scored_by != crashed and results[3].scored_by != crashed  # retried on the other actor
 
 
 def test_dead_actor_is_replaced(pool):
