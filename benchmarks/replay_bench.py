@@ -13,6 +13,7 @@ no final latents: 59,304,960 tensor bytes), the size a learner pulls in producti
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -28,15 +29,23 @@ from replay.codec import decode, encode
 from replay.synthetic import POCKET, REAL_480P, synthetic_group
 
 
-def timed(fn: Callable[[], object], reps: int) -> float:
-    """Median seconds of `reps` calls, after one warm-up call."""
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
     fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
+    return time.perf_counter() - start
+
+
+def paired(baseline: Callable[[], object], measured: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds of each function, calls interleaved rep by rep (after a warm-up) so that load
+    from other processes hits the baseline and the measured code alike."""
+    fns = {"baseline": baseline, **measured}
+    for fn in fns.values():
         fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            samples[name].append(timed(fn))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def mb_per_s(nbytes: int, seconds: float) -> float:
@@ -44,24 +53,24 @@ def mb_per_s(nbytes: int, seconds: float) -> float:
 
 
 def row(label: str, nbytes: int, seconds: float, baseline: float | None = None) -> str:
-    ratio = "" if baseline is None else f"   ratio to baseline {baseline / seconds:6.3f}"
+    ratio = "" if baseline is None else f"   ratio {baseline / seconds:6.3f}"
     return f"  {label:<38} {seconds * 1e3:10.2f} ms  {mb_per_s(nbytes, seconds):9.1f} MB/s{ratio}"
 
 
 def bench_codec(group, reps: int) -> list[str]:
     payload = encode(group)
     n = len(payload)
-    copy_s = timed(lambda: bytearray(payload), reps)
-    encode_s = timed(lambda: encode(group), reps)
-    decode_s = timed(lambda: decode(payload), reps)
-    both_s = timed(lambda: decode(encode(group)), reps)
+    t = paired(
+        lambda: bytearray(payload),
+        {"encode": lambda: encode(group), "decode": lambda: decode(payload), "both": lambda: decode(encode(group))},
+        reps,
+    )
     return [
-        row("memory copy (baseline)", n, copy_s),
-        row("encode", n, encode_s, copy_s),
-        row("decode (writable buffer, zero-copy)", n, decode_s, copy_s),
-        row("encode + decode", n, both_s, copy_s),
-        row("2 x memory copy (baseline for both)", n, 2 * copy_s),
-        f"  encode + decode vs 2 memory copies: ratio {2 * copy_s / both_s:.3f}",
+        row("memory copy (baseline)", n, t["baseline"]),
+        row("encode", n, t["encode"], t["baseline"]),
+        row("decode (writable buffer, zero-copy)", n, t["decode"], t["baseline"]),
+        row("encode + decode", n, t["both"], t["baseline"]),
+        f"  encode + decode vs 2 memory copies (one each way): ratio {2 * t['baseline'] / t['both']:.3f}",
     ]
 
 
@@ -85,8 +94,8 @@ def bench_redis(group, reps: int, url: str, chunk_bytes: int) -> list[str]:
         store.ack(d)
 
     try:
-        raw_s = timed(raw, reps)
-        store_s = timed(push_pull, reps)
+        t = paired(raw, {"store": push_pull}, reps)
+        raw_s, store_s = t["baseline"], t["store"]
     finally:
         for k in client.scan_iter(match=prefix + "*", count=1000):
             client.delete(k)
@@ -115,8 +124,8 @@ def bench_local(group, reps: int) -> list[str]:
             [d] = store.pull(1, "bench")
             store.ack(d)
 
-        raw_s = timed(raw, reps)
-        store_s = timed(push_pull, reps)
+        t = paired(raw, {"store": push_pull}, reps)
+        raw_s, store_s = t["baseline"], t["store"]
     return [
         row("raw file write + read (baseline)", n, raw_s),
         row("store push + pull + ack (with codec)", n, store_s, raw_s),
@@ -134,10 +143,11 @@ def main() -> None:
         "pocket group (float32)": (synthetic_group(**POCKET, pivot=1), 50 * args.reps),
         "real 480p group (bf16, pivot 3)": (synthetic_group(**REAL_480P, pivot=3, dtype=torch.bfloat16), args.reps),
     }
-    print(f"torch threads {torch.get_num_threads()}; ratios > 1 are faster than the baseline\n")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"{os.cpu_count()} cores, load average {load:.1f}; ratio = baseline time / measured time (1 = as fast)\n")
     for name, (group, reps) in groups.items():
         size = len(encode(group))
-        print(f"{name}: {size:,} payload bytes ({group.nbytes:,} tensor bytes), median of {reps}")
+        print(f"{name}: {size:,} payload bytes ({group.nbytes:,} tensor bytes), median of {reps} interleaved runs")
         print(" codec")
         print("\n".join(bench_codec(group, reps)))
         print(" redis")
