@@ -18,7 +18,6 @@ of the input buffer (zero-copy); with read-only input (bytes) each tensor is cop
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -37,7 +36,7 @@ from replay.record import CandidateGroup
 RECORD_TAG = b"CandidateGroup"
 CHECKSUM_PREFIX = "blake2b-256:"
 MAX_DIMS = 8
-HASH_PIECE_BYTES = 4 << 20
+HASH_PIECE_BYTES = 4 << 20  # part of the checksum definition of schema version 1: never change it alone
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -114,9 +113,16 @@ def _digest(header: dict[str, Any], tensors: list[tuple[str, str, list[int], Any
     return CHECKSUM_PREFIX + h.hexdigest()
 
 
-@functools.cache
+_POOL: dict[int, ThreadPoolExecutor] = {}
+
+
 def _hash_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="replay-hash")
+    """One pool per process (keyed by pid: a forked child must not use its parent's dead threads)."""
+    pid = os.getpid()
+    if pid not in _POOL:
+        _POOL.clear()
+        _POOL[pid] = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="replay-hash")
+    return _POOL[pid]
 
 
 def _binary_array(data: np.ndarray | None) -> pa.Array:
