@@ -1,4 +1,4 @@
-"""Helpers of the replay tests: test groups, an exact comparison of groups, a throwaway Redis."""
+"""Shared pieces of the replay tests: test groups, an exact comparison of groups, a throwaway Redis."""
 
 from __future__ import annotations
 
