@@ -124,7 +124,7 @@ class _RayInstruments:
     _lock = threading.Lock()
     _instance: "_RayInstruments | None" = None
 
-    def __init__(self, refresh_s: float):
+    def __init__(self, refresh_s: float | None):
         from ray.util import metrics as ray_metrics
 
         self._objects = {}
@@ -138,8 +138,8 @@ class _RayInstruments:
                     spec.name, spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tag_keys
                 )
             self._objects[spec.name] = obj
-        self.refresh_s = refresh_s
-        self._gauges: dict[tuple[str, TagKey], float] = {}
+        self.refresh_s = refresh_s  # None: follow the running Ray's report interval
+        self._gauges: dict[tuple[str, TagKey], tuple[str, float]] = {}  # -> (Ray session, value)
         self._gauges_lock = threading.Lock()
         self._keeper = threading.Thread(target=self._keep_gauges, name="arcopo-metrics-gauges", daemon=True)
         self._keeper.start()
@@ -155,7 +155,9 @@ class _RayInstruments:
             )
         with cls._lock:
             if cls._instance is None:
-                cls._instance = cls(refresh_s if refresh_s is not None else _default_refresh_s())
+                cls._instance = cls(refresh_s)
+            elif refresh_s is not None:
+                cls._instance.refresh_s = refresh_s
             return cls._instance
 
     def inc(self, name: str, value: float, tags: dict[str, str]) -> None:
@@ -165,19 +167,24 @@ class _RayInstruments:
         self._objects[name].observe(value, tags=tags or None)
 
     def set(self, name: str, value: float, tags: dict[str, str]) -> None:
+        session = _session_name()
         with self._gauges_lock:
-            self._gauges[(name, tuple(sorted(tags.items())))] = value
+            self._gauges[(name, tuple(sorted(tags.items())))] = (session, value)
         self._objects[name].set(value, tags=tags or None)
 
     def _keep_gauges(self) -> None:
         import ray
 
         while True:
-            time.sleep(self.refresh_s)
+            # Re-read every round: a later ray.init() in this process may report at another interval.
+            time.sleep(self.refresh_s if self.refresh_s is not None else _default_refresh_s())
             if not ray.is_initialized():
                 continue
+            session = _session_name()
             with self._gauges_lock:
-                current = list(self._gauges.items())
+                # A value set under an earlier ray.init() in this process does not belong to this run.
+                self._gauges = {k: v for k, v in self._gauges.items() if v[0] == session}
+                current = [(k, v[1]) for k, v in self._gauges.items()]
             for (name, tag_key), value in current:
                 try:
                     self._objects[name].set(value, tags=dict(tag_key) or None)
@@ -185,10 +192,16 @@ class _RayInstruments:
                     logger.exception("re-publishing gauge %s failed", name)
 
 
-def _default_refresh_s() -> float:
+def _session_name() -> str:
     import ray
 
-    # Ray's agent keeps a gauge for 2 * max(report interval, 1 s); refresh at twice the report rate.
+    return ray.get_runtime_context().get_session_name()
+
+
+def _default_refresh_s() -> float:
+    """Half of Ray's report interval: the agent keeps a gauge for 2 * max(report interval, 1 s)."""
+    import ray
+
     return max(ray._config.metrics_report_interval_ms(), 1000) / 2000.0
 
 
@@ -206,7 +219,11 @@ def _number(what: str, value) -> float:
 
 
 class ProjectMetrics:
-    """Typed recording of the project's metrics; cheap enough to call on every group."""
+    """Typed recording of the project's metrics; cheap enough to call on every group.
+
+    `enabled=False` records only into this object (no Ray needed). `refresh_s` overrides how often
+    this process re-publishes its gauges (default: half of Ray's metrics report interval).
+    """
 
     def __init__(self, enabled: bool = True, *, refresh_s: float | None = None):
         self.enabled = enabled

@@ -96,3 +96,22 @@ def test_redis_conf_runs_with_the_manifests_command_line(tmp_path):
         if proc.poll() is None:
             proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_the_urls_the_guide_gives_reach_the_service_with_the_secrets_password(monkeypatch):
+    from replay import PASSWORD_ENV, URL_ENV, redis_connection
+
+    [(_, cluster)] = by_kind("RayCluster")
+    env = {e["name"] for e in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    assert {URL_ENV, PASSWORD_ENV} <= env  # the names the replay store reads
+    guide = (DEPLOY.parent / "docs" / "deploy.md").read_text()
+    plain = "redis://arcopo-redis:6379/0"
+    tls = "rediss://arcopo-redis:6380/0?ssl_ca_certs=/tls/ca.crt"
+    assert f"--from-literal=url='{plain}'" in guide and tls in guide
+    monkeypatch.setenv(PASSWORD_ENV, "from-the-secret")
+    connection, _ = redis_connection(plain)
+    assert (connection["host"], connection["port"], connection["password"]) == ("arcopo-redis", 6379, "from-the-secret")
+    assert "ssl" not in connection
+    connection, _ = redis_connection(tls)
+    assert connection["ssl"] is True and connection["ssl_ca_certs"] == "/tls/ca.crt"
+    assert (connection["port"], connection["password"]) == (6380, "from-the-secret")
