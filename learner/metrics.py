@@ -105,7 +105,9 @@ METRICS: dict[str, MetricSpec] = {
         _spec("rollout_workers", "gauge", "Rollout workers alive"),
         _spec("reward_actors", "gauge", "Reward actors alive"),
         _spec("reward_requests_total", "counter", "Videos sent to the reward pool for scoring"),
-        _spec("reward_invalid_total", "counter", "Videos the reward pool could not score, by reason", "reason"),
+        _spec(
+            "reward_invalid_total", "counter", "Videos the reward pool could not score, by reason", "reason"
+        ),
         _spec("broadcast_bytes_total", "counter", "Adapter bytes the learner published to rollout workers"),
     )
 }
@@ -249,7 +251,9 @@ class ProjectMetrics:
             "loss": _number("loss", loss),
             "clip_fraction": _number("clip_fraction", clip_fraction),
         }
-        rewards = {_label("head", head): _number(f"reward_mean[{head}]", v) for head, v in reward_mean.items()}
+        rewards = {
+            _label("head", head): _number(f"reward_mean[{head}]", v) for head, v in reward_mean.items()
+        }
         for short, value in values.items():
             self._set(short, value, {})
         for head, value in rewards.items():

@@ -40,11 +40,15 @@ def validate(value: Any, node: Any, definitions: dict[str, Any], path: str = "")
     if isinstance(node, dict) and "items" in node:
         if not isinstance(value, list):
             return [f"{where}: expected a list, got {type(value).__name__}"]
-        return [e for i, v in enumerate(value) for e in validate(v, node["items"], definitions, f"{path}[{i}]")]
+        return [
+            e for i, v in enumerate(value) for e in validate(v, node["items"], definitions, f"{path}[{i}]")
+        ]
     if isinstance(node, dict) and "fields" in node:
         if not isinstance(value, dict):
             return [f"{where}: expected a mapping, got {type(value).__name__}"]
-        errors = [f"{where}: missing required field {r!r}" for r in node.get("required", []) if r not in value]
+        errors = [
+            f"{where}: missing required field {r!r}" for r in node.get("required", []) if r not in value
+        ]
         for key, sub in value.items():
             if key not in node["fields"]:
                 errors.append(f"{path}.{key}: unknown field (not in the CRD schema subset)".lstrip("."))

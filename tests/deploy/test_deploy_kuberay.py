@@ -54,7 +54,10 @@ def test_kuberay_objects_fit_the_crd_schema(subset):
 @pytest.mark.parametrize(
     "mutate, expected",
     [
-        (lambda s: s["workerGroupSpecs"][0].update(maxReplica=3), "workerGroupSpecs[0].maxReplica: unknown field"),
+        (
+            lambda s: s["workerGroupSpecs"][0].update(maxReplica=3),
+            "workerGroupSpecs[0].maxReplica: unknown field",
+        ),
         (lambda s: s["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), "expected string, got int"),
         (lambda s: s["authOptions"].update(tokenSecret="x"), "authOptions.tokenSecret: unknown field"),
         (lambda s: s["workerGroupSpecs"][1].pop("minReplicas"), "missing required field 'minReplicas'"),
@@ -64,7 +67,14 @@ def test_kuberay_objects_fit_the_crd_schema(subset):
         ),
         (lambda s: s.update(gcsFaultToleranceOptions={"redisAddress": "r:6379"}), "not in the schema subset"),
     ],
-    ids=["misspelt-field", "int-start-param", "unknown-auth-field", "missing-required", "pod-field", "unexpanded"],
+    ids=[
+        "misspelt-field",
+        "int-start-param",
+        "unknown-auth-field",
+        "missing-required",
+        "pod-field",
+        "unexpanded",
+    ],
 )
 def test_schema_check_rejects_what_kuberay_would(subset, cluster, mutate, expected):
     bad = copy.deepcopy(cluster)
@@ -103,7 +113,10 @@ def test_security_settings(cluster):
             assert c["securityContext"]["allowPrivilegeEscalation"] is False
             env = {e["name"]: e for e in c["env"]}
             for name in ("ARCOPO_REPLAY_URL", "ARCOPO_REDIS_PASSWORD"):
-                assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["name"] == "arcopo-redis"
+                assert (
+                    "value" not in env[name]
+                    and env[name]["valueFrom"]["secretKeyRef"]["name"] == "arcopo-redis"
+                )
 
 
 def test_images_and_versions_are_pinned(cluster):

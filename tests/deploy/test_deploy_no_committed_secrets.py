@@ -4,7 +4,6 @@ through Kubernetes Secrets, environment variables or files on the operator's own
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -30,7 +29,9 @@ STRONG = {
 }
 # Outside comments: a secret-named key, setting or flag given a literal value.
 ASSIGNMENTS = [
-    re.compile(rf"""(?i)(?:^|[\s{{,"'])(?:[a-z0-9_]*_)?(?:{SECRET_KEYS})["']?\s*[:=]\s*(?P<value>[^\s#,}}]+)"""),
+    re.compile(
+        rf"""(?i)(?:^|[\s{{,"'])(?:[a-z0-9_]*_)?(?:{SECRET_KEYS})["']?\s*[:=]\s*(?P<value>[^\s#,}}]+)"""
+    ),
     re.compile(r"(?i)^\s*(?:requirepass|masterauth)\s+(?P<value>\S+)"),
     re.compile(r"(?i)--(?:requirepass|masterauth|password|token)[\s=,]+(?P<value>[^\s,\]]+)"),
 ]
@@ -127,7 +128,9 @@ def test_no_committed_secrets_in_deploy_or_configs():
 def test_no_kubernetes_secret_objects_are_committed():
     for path in (REPO / "deploy").rglob("*.y*ml"):
         for doc in yaml.safe_load_all(path.read_text()):
-            assert not (doc and doc.get("kind") == "Secret"), f"{path}: create Secrets with kubectl, never commit them"
+            assert not (doc and doc.get("kind") == "Secret"), (
+                f"{path}: create Secrets with kubectl, never commit them"
+            )
 
 
 def test_every_secret_reference_names_a_documented_secret():
@@ -139,6 +142,6 @@ def test_every_secret_reference_names_a_documented_secret():
         refs |= {(n, "auth_token") for n in re.findall(r"secretName: ([\w-]+)", text)}
     assert refs
     for name, key in refs:
-        assert re.search(rf"kubectl create secret generic {name}\b[^\n]*(\\\n[^\n]*)*--from-literal={key}=", guide), (
-            f"docs/deploy.md does not show how to create Secret {name} with key {key}"
-        )
+        assert re.search(
+            rf"kubectl create secret generic {name}\b[^\n]*(\\\n[^\n]*)*--from-literal={key}=", guide
+        ), f"docs/deploy.md does not show how to create Secret {name} with key {key}"

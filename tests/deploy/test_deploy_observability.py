@@ -65,7 +65,10 @@ def test_podmonitor_selects_the_ray_pods_metrics_port():
     assert monitor["spec"]["selector"]["matchLabels"] == {"ray.io/cluster": cluster["metadata"]["name"]}
     [endpoint] = monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["port"] == "metrics"
-    head_ports = {p["name"]: p["containerPort"] for p in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    head_ports = {
+        p["name"]: p["containerPort"]
+        for p in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    }
     assert head_ports["metrics"] == 8080
     for group in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]:
         assert group["rayStartParams"]["metrics-export-port"] == "8080"
@@ -88,5 +91,15 @@ def test_grafana_dashboard_covers_every_project_metric_by_its_exported_name():
     for spec in METRICS.values():
         assert any(s in seen for s in spec.exported_series), f"{spec.name} has no panel"
     titles = " ".join(p["title"].lower() for p in panels)
-    for topic in ("reward", "loss", "clip", "policy version", "groups", "queue", "phase", "workers", "actors"):
+    for topic in (
+        "reward",
+        "loss",
+        "clip",
+        "policy version",
+        "groups",
+        "queue",
+        "phase",
+        "workers",
+        "actors",
+    ):
         assert topic in titles, topic

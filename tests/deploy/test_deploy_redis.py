@@ -53,7 +53,11 @@ def test_redis_conf_runs_with_the_manifests_command_line(tmp_path):
     assert server, "redis-server is needed on PATH (the suite's Redis comes from the same package)"
     container = _statefulset()["spec"]["template"]["spec"]["containers"][0]
     password = uuid.uuid4().hex
-    local = {"/etc/redis/redis.conf": str(REDIS_DIR / "redis.conf"), "/data": str(tmp_path), "$(REDIS_PASSWORD)": password}
+    local = {
+        "/etc/redis/redis.conf": str(REDIS_DIR / "redis.conf"),
+        "/data": str(tmp_path),
+        "$(REDIS_PASSWORD)": password,
+    }
     argv = [local.get(a, a) for a in container["args"]]
     assert argv[0] == str(REDIS_DIR / "redis.conf") and password in argv and str(tmp_path) in argv
     port = _free_port()
@@ -110,7 +114,11 @@ def test_the_urls_the_guide_gives_reach_the_service_with_the_secrets_password(mo
     assert f"--from-literal=url='{plain}'" in guide and tls in guide
     monkeypatch.setenv(PASSWORD_ENV, "from-the-secret")
     connection, _ = redis_connection(plain)
-    assert (connection["host"], connection["port"], connection["password"]) == ("arcopo-redis", 6379, "from-the-secret")
+    assert (connection["host"], connection["port"], connection["password"]) == (
+        "arcopo-redis",
+        6379,
+        "from-the-secret",
+    )
     assert "ssl" not in connection
     connection, _ = redis_connection(tls)
     assert connection["ssl"] is True and connection["ssl_ca_certs"] == "/tls/ca.crt"

@@ -28,7 +28,10 @@ def dockerfile_pins(text: str) -> dict[str, str]:
     """name -> version for every `name==version` the Dockerfile installs, ARG values substituted."""
     args = dockerfile_args(text)
     expanded = re.sub(r"\$\{([A-Z0-9_]+)\}", lambda m: args.get(m.group(1), m.group(0)), text)
-    return {normalise(n): v for n, v in re.findall(r"(?<![\w.-])([A-Za-z][A-Za-z0-9_.-]*)==([0-9][^\s'\"]*)", expanded)}
+    return {
+        normalise(n): v
+        for n, v in re.findall(r"(?<![\w.-])([A-Za-z][A-Za-z0-9_.-]*)==([0-9][^\s'\"]*)", expanded)
+    }
 
 
 def test_dockerfile_pins_equal_pyproject():
@@ -98,7 +101,10 @@ def test_cluster_launcher_node_types_and_security(launcher):
         assert "export RAY_AUTH_MODE=token;" in command
     # Credentials come from the operator's machine by file_mounts, never from this file.
     assert launcher["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
-    assert launcher["docker"]["image"] == f"registry.example.com/arcopo/arcopo:{pyproject()['project']['version']}-cu128"
+    assert (
+        launcher["docker"]["image"]
+        == f"registry.example.com/arcopo/arcopo:{pyproject()['project']['version']}-cu128"
+    )
 
 
 def test_runtime_env_is_one_ray_accepts_and_installs_nothing():

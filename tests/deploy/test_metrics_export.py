@@ -42,7 +42,9 @@ def _scrape(port: int) -> dict[tuple[str, frozenset], float]:
         assert m, f"unparsable Prometheus line: {line}"
         name, labels_text, value = m.groups()
         labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels_text or ""))
-        kept = frozenset((k, v) for k, v in labels.items() if k not in ray_labels and not k.startswith("otel_"))
+        kept = frozenset(
+            (k, v) for k, v in labels.items() if k not in ray_labels and not k.startswith("otel_")
+        )
         out[(name, kept)] = out.get((name, kept), 0.0) + float(value)
     return out
 

@@ -48,7 +48,9 @@ def test_disabled_facade_keeps_values_without_ray():
     assert not ray.is_initialized()
     m = ProjectMetrics(enabled=False)
     m.record_iteration(iteration=2, policy_version=3, loss=0.5, clip_fraction=0.0, reward_mean={"VQ": 1.0})
-    m.record_iteration(iteration=3, policy_version=4, loss=float("nan"), clip_fraction=0.25, reward_mean={"VQ": 2.0})
+    m.record_iteration(
+        iteration=3, policy_version=4, loss=float("nan"), clip_fraction=0.25, reward_mean={"VQ": 2.0}
+    )
     m.count_groups_produced("w0", 2)
     m.count_groups_produced("w0")
     m.count_groups_produced("w1", 0)  # nothing happened: no series
