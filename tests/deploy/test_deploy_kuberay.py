@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import shlex
 
 import pytest
@@ -160,3 +161,23 @@ def test_volumes_the_cluster_mounts_are_declared(cluster):
     }
     assert used and used <= claims
     assert (DEPLOY / "kuberay" / "storage.yaml").is_file()
+
+
+def test_what_kuberays_admission_checks_would_refuse(cluster):
+    """The rules of KubeRay v1.7.0's validation.go that the schema alone does not express."""
+    dns1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+    [(_, job)] = by_kind("RayJob")
+    assert dns1035.fullmatch(cluster["metadata"]["name"]) and len(cluster["metadata"]["name"]) <= 53
+    assert dns1035.fullmatch(job["metadata"]["name"]) and len(job["metadata"]["name"]) <= 47
+    spec = cluster["spec"]
+    # Token auth needs Ray >= 2.52.
+    assert tuple(int(x) for x in spec["rayVersion"].split(".")) >= (2, 52, 0)
+    start_resource_keys = {"num-cpus", "num-gpus", "memory", "resources"}
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        # Resources either in rayStartParams or in the group's `resources`, never both.
+        assert not (start_resource_keys & set(group["rayStartParams"]) and group.get("resources"))
+        assert "labels" not in group["rayStartParams"]
+        # Autoscaler v2: pods must not set a restartPolicy other than Never.
+        assert group["template"]["spec"].get("restartPolicy", "Never") == "Never"
+    assert spec["autoscalerOptions"]["version"] == "v2"
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] >= 0
