@@ -118,7 +118,7 @@ class RunSettings(_Section):
     eval_prompts_limit: int | None = Field(None, ge=1)
     eval_seeds: int = Field(1, ge=1)
     checkpoint_every: int = Field(10, ge=1)
-    overlap_rollout: bool = False  # generate iteration k+1 with adapter k while the learner updates
+    learner_num_gpus: float = Field(0.0, ge=0)
 
 
 class Config(_Section):

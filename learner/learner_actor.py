@@ -1,0 +1,206 @@
+"""The learner: a Ray actor holding the trainable LoRA adapter and its optimiser.
+
+One iteration's update (paper Algorithm 1, lines 7-9): take a batch of candidate groups (pulled
+from the on-policy queue, or sampled from the semi-on-policy buffer), compute group-normalised
+advantages, then for `updates_per_iteration` optimiser steps replay each group's pivot chunk under
+the current policy and descend the objective. Only the adapter's tensors leave this actor
+(`current_adapter`), versioned.
+
+Exactly-once application on top of the queue's at-least-once delivery: a group's delivery is acked
+only after a checkpoint containing its update is on disk; the checkpoint records the ids it applied,
+so a learner restored from it skips (and acks) those if they are delivered again, and re-applies
+the ones whose update the crash lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from learner.checkpoint import latest_checkpoint, load_learner_checkpoint, save_learner_checkpoint
+from learner.config import Config
+from learner.objectives import sample_anchors
+from learner.policy_factory import add_adapter, build_configured_policy
+from learner.updates import GroupLoss, copo_group_loss, sde_grpo_group_loss
+from policy.lora import export_adapter_state
+from replay import Delivery, open_store
+from replay.record import CandidateGroup
+from reward_service.multi_reward import group_advantages
+
+log = logging.getLogger(__name__)
+
+
+class Learner:
+    def __init__(self, config: dict, store_url: str, checkpoint_root: str, consumer: str = "learner-0") -> None:
+        self.config = Config.model_validate(config)
+        alg = self.config.algorithm
+        torch.manual_seed(self.config.run.seed)
+        self.policy = build_configured_policy(self.config.policy)
+        self.adapter = alg.effective_adapter_name
+        add_adapter(self.policy, self.adapter, self.config.lora)
+        self.params = [p for p in self.policy.transformer.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=alg.learning_rate, weight_decay=alg.weight_decay)
+        self.store = open_store(store_url)
+        self.checkpoint_root = Path(checkpoint_root)
+        self.consumer = consumer
+        self.version = 0
+        self.iteration = 0
+        self.anchor_rng = torch.Generator().manual_seed(self.config.run.seed + 1)
+        self.buffer_rng = np.random.default_rng(self.config.run.seed + 2)
+        self.unacked: list[Delivery] = []  # applied, waiting for the next checkpoint
+        self.applied_since_checkpoint: list[str] = []
+        self.restored_applied: set[str] = set()
+        self._adapter_ref = None
+
+    # ------------------------------------------------------------------ broadcast
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return export_adapter_state(self.policy.transformer, self.adapter)
+
+    def publish(self) -> tuple[int, int]:
+        """Put the current adapter in the object store once; returns (version, bytes)."""
+        import ray
+
+        state = self.adapter_state()
+        self._adapter_ref = ray.put(state)
+        return self.version, sum(t.numel() * t.element_size() for t in state.values())
+
+    def current_adapter(self):
+        """(version, ObjectRef of the adapter tensors): what a (re)started rollout worker loads."""
+        if self._adapter_ref is None:
+            self.publish()
+        return self.version, self._adapter_ref
+
+    # ------------------------------------------------------------------ data
+    def _pull_on_policy(self, num_groups: int, timeout_s: float) -> list[Delivery]:
+        """Up to `num_groups` fresh groups; duplicates of applied groups are set aside, not trained on."""
+        min_version = self.version - self.config.algorithm.max_policy_lag
+        seen = {d.group_id for d in self.unacked}
+        taken: list[Delivery] = []
+        deadline = time.monotonic() + timeout_s
+        while len(taken) < num_groups and time.monotonic() < deadline:
+            block_ms = int(max(1, min(1000, (deadline - time.monotonic()) * 1000)))
+            for d in self.store.pull(num_groups - len(taken), self.consumer, block_ms, min_policy_version=min_version):
+                if d.group_id in self.restored_applied:
+                    self.store.ack(d)  # its update is in the restored checkpoint
+                elif d.group_id in seen:
+                    self.unacked.append(d)  # a second delivery of a group already applied
+                else:
+                    seen.add(d.group_id)
+                    taken.append(d)
+        return taken
+
+    def _advantages(self, group: CandidateGroup) -> torch.Tensor:
+        weights = self.config.reward.weights
+        scores = {h: group.rewards[h].numpy() for h in weights}
+        adv = group_advantages(scores, weights, group.reward_valid.numpy(), self.config.reward.advantage)
+        return torch.from_numpy(adv)
+
+    # ------------------------------------------------------------------ update
+    def _group_loss(self, group: CandidateGroup, adv: torch.Tensor) -> GroupLoss:
+        alg = self.config.algorithm
+        valid = torch.nonzero(group.reward_valid).flatten()
+        if alg.objective == "copo":
+            pick = sample_anchors(len(valid), min(alg.anchors_per_group, len(valid)), self.anchor_rng)
+            return copo_group_loss(self.policy, group, adv, valid[pick], alg.tau, alg.effective_clip_eps)
+        if alg.objective == "sde_grpo":
+            if group.exploration != "renoise":
+                raise ValueError(f"group {group.group_id} forks the initial noise; SDE-GRPO needs re-noise forks")
+            return sde_grpo_group_loss(self.policy, group, adv, valid, alg.effective_clip_eps, alg.sde_eta)
+        raise NotImplementedError(f"objective {alg.objective!r} is trained by its own learner")
+
+    def train_groups(self, groups: list[CandidateGroup]) -> dict:
+        """`updates_per_iteration` optimiser steps over `groups`; returns the iteration's statistics."""
+        alg = self.config.algorithm
+        advantages = [self._advantages(g) for g in groups]
+        usable = [(g, a) for g, a in zip(groups, advantages) if bool(a.abs().sum() > 0)]
+        losses, clip_fracs, deviations, grad_norms = [], [], [], []
+        self.policy.transformer.train()
+        for _ in range(alg.updates_per_iteration if usable else 0):
+            self.optimizer.zero_grad(set_to_none=True)
+            step_losses = []
+            for group, adv in usable:
+                out = self._group_loss(group, adv)
+                (out.loss / len(usable)).backward()
+                step_losses.append(out.loss.item())
+                clip_fracs.append(out.clip_fraction)
+                deviations.append(out.ratio_deviation)
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, alg.max_grad_norm)))
+            self.optimizer.step()
+            losses.append(sum(step_losses) / len(step_losses))
+        self.policy.transformer.eval()
+        heads = list(self.config.reward.weights)
+        per_head = {h: _mean([float(g.rewards[h][g.reward_valid].mean()) for g in groups if g.reward_valid.any()]) for h in heads}
+        return {
+            "groups": len(groups),
+            "groups_without_signal": len(groups) - len(usable),
+            "loss": _mean(losses),
+            "clip_fraction": _mean(clip_fracs),
+            "ratio_max_deviation": max(deviations, default=0.0),
+            "grad_norm": _mean(grad_norms),
+            "group_reward_means": per_head,
+        }
+
+    def train_on_policy(self, num_groups: int, timeout_s: float = 600.0) -> dict:
+        t0 = time.perf_counter()
+        deliveries = self._pull_on_policy(num_groups, timeout_s)
+        stats = self.train_groups([d.group for d in deliveries])
+        self.unacked.extend(deliveries)
+        self.applied_since_checkpoint.extend(d.group_id for d in deliveries)
+        return self._finish_iteration(stats, t0)
+
+    def train_from_buffer(self, num_groups: int) -> dict:
+        t0 = time.perf_counter()
+        groups = self.store.buffer_sample(num_groups, self.buffer_rng)
+        if not groups:
+            raise RuntimeError("the semi-on-policy buffer is empty: collect or import reference groups first")
+        return self._finish_iteration(self.train_groups(groups), t0)
+
+    def _finish_iteration(self, stats: dict, t0: float) -> dict:
+        self.iteration += 1
+        self.version += 1
+        self._adapter_ref = None
+        stats.update(policy_version=self.version, update_s=time.perf_counter() - t0)
+        return stats
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, extra: dict | None = None) -> str:
+        """Write a checkpoint, then ack every delivery whose update it contains."""
+        state = {
+            "policy_version": self.version,
+            "applied_group_ids": self.applied_since_checkpoint,
+            "anchor_rng": self.anchor_rng.get_state().tolist(),
+            "buffer_rng": self.buffer_rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state().tolist(),
+            **(extra or {}),
+        }
+        path = save_learner_checkpoint(self.checkpoint_root, self.iteration, self.policy.transformer, self.adapter, self.optimizer, state)
+        for d in self.unacked:
+            self.store.ack(d)
+        self.unacked.clear()
+        self.applied_since_checkpoint = []
+        return str(path)
+
+    def restore_latest(self) -> dict:
+        """Load the newest checkpoint; returns its state (the driver's part included)."""
+        path = latest_checkpoint(self.checkpoint_root)
+        state = load_learner_checkpoint(path, self.policy.transformer, self.adapter, self.optimizer)
+        self.iteration, self.version = int(state["iteration"]), int(state["policy_version"])
+        self.restored_applied = set(state["applied_group_ids"])
+        self.anchor_rng.set_state(torch.tensor(state["anchor_rng"], dtype=torch.uint8))
+        self.buffer_rng.bit_generator.state = state["buffer_rng"]
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        self._adapter_ref = None
+        log.info("learner restored %s (iteration %d, version %d)", path, self.iteration, self.version)
+        return state
+
+    def status(self) -> dict:
+        return {"iteration": self.iteration, "version": self.version, "unacked": len(self.unacked)}
+
+
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / len(values)) if values else math.nan

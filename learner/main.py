@@ -1,0 +1,165 @@
+"""The driver: `python -m learner.main [--config FILE.yaml] [--output DIR] [--resume] [key.sub=value ...]`.
+
+One process owns the control flow (the single controller); Ray actors own the models. Each
+iteration follows the paper's Algorithm 1:
+
+    1     sample a pivot chunk p ~ U(1..L) for every group of the iteration   (TaskSampler)
+    2-6   rollout workers generate chunks 1..p-1 once, fork G branches at p by perturbing only
+          chunk p's initial noise, complete every branch, decode, score each whole video, and push
+          the group to the replay store                                        (System.rollout)
+    7-9   the learner computes group advantages, replays chunk p under the current policy and
+          takes clipped contrastive GRPO steps                                 (System.update_*)
+          then broadcasts the new LoRA weights to the workers                 (System.broadcast)
+
+Semi-on-policy (and off-policy, its unclipped ablation) collects the reference groups once and
+then samples that buffer at every iteration; nothing is broadcast while it trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from learner.config import Config, ConfigError, dump_config, load_config
+from learner.run_log import MetricsLog, plot_reward_curves
+from learner.system import System
+from learner.task_sampler import TaskSampler, eval_set, load_prompts
+from policy.presets import get_preset
+from policy.video_io import contact_sheet
+from reward_service.multi_reward import combine
+
+log = logging.getLogger("learner")
+
+
+def train(config: Config, output: Path, resume: bool = False) -> list[dict]:
+    """Run (or resume) training; returns the metrics rows. Everything lands under `output`."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.yaml").write_text(dump_config(config))
+    metrics_log = MetricsLog(output / "metrics.jsonl")
+    alg, run = config.algorithm, config.run
+    sampler = TaskSampler(config, load_prompts(config.rollout.prompts), get_preset(config.policy.preset).num_chunks, output.name)
+    eval_prompts, eval_seeds = eval_set(load_prompts(config.rollout.eval_prompts), run.eval_seeds, run.eval_prompts_limit, run.seed)
+
+    system = System.start(config, output)
+    try:
+        start = 0
+        if resume:
+            start = int(system.restore()["iteration"])
+            metrics_log.truncate_after(start)
+            log.info("resumed at iteration %d (policy version %d)", start, system.version)
+        if alg.mode != "on_policy":
+            size = system.fill_reference_buffer(sampler.reference_tasks(config.replay.buffer_groups))
+            log.info("reference buffer holds %d groups", size)
+        baseline = None if resume else evaluate(system, config, eval_prompts, eval_seeds, output, tag="base")
+
+        for iteration in tqdm(range(start, run.iterations), desc=f"{alg.objective}/{alg.mode}", initial=start, total=run.iterations):
+            t0 = time.perf_counter()
+            if alg.mode == "on_policy":
+                tasks = sampler.tasks(iteration, alg.groups_per_iteration)  # 1: pivots, prompts, seeds
+                summaries = system.rollout(tasks)  # 2-6: fork at the pivot, complete, score, push
+                stats = system.update_on_policy(sum(s.stored for s in summaries))  # 7-9
+                system.broadcast()
+            else:
+                summaries = []
+                stats = system.update_from_buffer(alg.groups_per_iteration)  # 7-9 on reference groups
+            row = iteration_row(config, iteration, stats, summaries, system.timings, time.perf_counter() - t0)
+            last = iteration + 1 == run.iterations
+            if (run.eval_every and (iteration + 1) % run.eval_every == 0) or last:
+                if alg.mode != "on_policy":
+                    system.broadcast()
+                row.update(evaluate(system, config, eval_prompts, eval_seeds, output, tag=f"iter_{iteration + 1:06d}"))
+            if baseline is not None and iteration == start:
+                row.update({f"base_{k}": v for k, v in baseline.items()})
+            metrics_log.append(row)
+            system.metrics.record_iteration(
+                iteration=iteration, policy_version=stats["policy_version"], loss=_finite(stats["loss"]),
+                clip_fraction=_finite(stats["clip_fraction"]), reward_mean={"combined": _finite(row["reward_mean"])},
+            )
+            if (iteration + 1) % run.checkpoint_every == 0 or last:
+                system.checkpoint({"metrics_rows": iteration + 1})
+        rows = metrics_log.read()
+        if rows:
+            plot_reward_curves(rows, output / "reward_curve.png", title=f"{alg.objective} {alg.mode} ({config.policy.preset})")
+        return rows
+    finally:
+        system.shutdown()
+
+
+def iteration_row(config: Config, iteration: int, stats: dict, summaries: list, timings: dict, seconds: float) -> dict:
+    """One line of metrics.jsonl: rewards of this iteration's groups (per head and combined), the
+    update's statistics, and where the time went."""
+    weights = config.reward.weights
+    per_head = stats["group_reward_means"] if not summaries else {
+        h: _mean([s.reward_means[h] for s in summaries if s.num_valid]) for h in weights
+    }
+    row = {
+        "iteration": iteration,
+        "reward_mean": float(combine({h: [per_head[h]] for h in weights}, weights)[0]),
+        **{f"reward_{h}": per_head[h] for h in weights},
+        "loss": stats["loss"],
+        "clip_fraction": stats["clip_fraction"],
+        "ratio_max_deviation": stats["ratio_max_deviation"],
+        "grad_norm": stats["grad_norm"],
+        "policy_version": stats["policy_version"],
+        "groups": stats["groups"],
+        "groups_without_signal": stats["groups_without_signal"],
+        "groups_dropped": sum(not s.stored for s in summaries),
+        "seconds": seconds,
+    }
+    for phase in ("rollout", "reward", "update", "broadcast"):
+        row[f"{phase}_s"] = timings.get(f"{phase}_s", 0.0)
+    return row
+
+
+def evaluate(system: System, config: Config, prompts: list[str], seeds: list[int], output: Path, tag: str) -> dict:
+    """Mean held-out reward (per head and combined) of the current policy; writes a contact sheet."""
+    results, frames = system.evaluate(prompts, seeds, keep_frames=min(6, len(prompts)))
+    weights = config.reward.weights
+    valid = [r for r in results if r.valid]
+    out = {f"eval_reward_{h}": _mean([r.rewards[h] for r in valid]) for h in weights}
+    out["eval_reward_mean"] = _mean([float(combine({h: [r.rewards[h]] for h in weights}, weights)[0]) for r in valid])
+    out["eval_invalid"] = len(results) - len(valid)
+    if frames:
+        labels = [f"{r.prompt} (seed {r.seed})" for r in results[: len(frames)]]
+        contact_sheet(frames, labels, output / "samples" / f"{tag}.png")
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / len(values)) if values else math.nan
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m learner.main", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML config (default: the pocket world, configs/pocket.yaml)")
+    parser.add_argument("--output", default="runs/pocket", help="output directory (metrics, checkpoints, plots)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.learning_rate=3e-4")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    rows = train(config, Path(args.output), resume=args.resume)
+    if rows:
+        last = rows[-1]
+        print(f"done: {len(rows)} iterations, last reward {last['reward_mean']:.4f}, "
+              f"held-out {last.get('eval_reward_mean', float('nan')):.4f}; outputs in {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Build the policy a run configures, on the device it asks for, with the run's LoRA adapter."""
+
+from __future__ import annotations
+
+import torch
+
+from learner.config import LoraSettings, PolicySettings
+from policy.lora import DEFAULT_TARGETS, attach_adapter
+from policy.pipeline import StreamingVideoPolicy
+from policy.presets import build_policy, get_preset
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_configured_policy(settings: PolicySettings) -> StreamingVideoPolicy:
+    """The frozen base policy: preset plus the paths the config gives for real weights.
+
+    The pocket preset loads its shipped weights (or the directory `transformer_checkpoint` names)."""
+    device, dtype = resolve_device(settings.device), DTYPES[settings.dtype]
+    if settings.preset == "pocket":
+        from policy.pocket.preset import WEIGHTS_DIR, load_pocket_policy
+
+        return load_pocket_policy(settings.transformer_checkpoint or WEIGHTS_DIR, device=device, dtype=dtype)
+    preset = get_preset(settings.preset)
+    paths = {
+        "checkpoint_path": settings.transformer_checkpoint,
+        "lora_path": settings.longlive_lora,
+        "text_encoder_path": settings.text_encoder_path,
+        "vae_path": settings.vae_path,
+    }
+    paths = {k: str(v) for k, v in paths.items() if v is not None}
+    if settings.checkpoint_kind is not None:
+        preset = preset.model_copy(update={"checkpoint_kind": settings.checkpoint_kind})
+    if paths:
+        preset = preset.with_paths(**paths)
+    return build_policy(preset, device=device, dtype=dtype)
+
+
+def add_adapter(policy: StreamingVideoPolicy, name: str, lora: LoraSettings) -> None:
+    """Attach a trainable LoRA adapter named `name` (zero-initialised B, so the policy is unchanged)."""
+    targets = lora.target_modules or list(DEFAULT_TARGETS)
+    attach_adapter(policy.transformer, name, rank=lora.rank, alpha=lora.alpha, target_modules=targets)
+    policy.transformer.to(policy.device)

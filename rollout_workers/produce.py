@@ -1,0 +1,109 @@
+"""One candidate group, end to end, as plain functions: fork, roll out, decode, score, make the record.
+
+The rollout worker actor wraps these with a policy, a reward client and a replay store; tests call
+them directly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from policy.noise_plan import NoisePlan
+from policy.pipeline import StreamingVideoPolicy
+from policy.rollout import GroupRollout, rollout_group
+from replay.record import CandidateGroup
+from reward_service.base import Video
+from reward_service.multi_reward import results_to_arrays
+from reward_service.result import RewardResult
+from rollout_workers.tasks import RolloutTask
+
+ScoreFn = Callable[[list[Video], list[str]], Sequence[RewardResult]]
+
+
+@dataclass
+class ProducedGroup:
+    group: CandidateGroup
+    rollout_s: float
+    decode_s: float
+    reward_s: float
+    forward_passes: int
+
+
+def noise_plan_for(policy: StreamingVideoPolicy, seed: int) -> NoisePlan:
+    return NoisePlan.from_seed(seed, policy.num_chunks, policy.frames_per_chunk, policy.latent_shape, policy.num_steps)
+
+
+def fork_group(policy: StreamingVideoPolicy, task: RolloutTask, branch_batch_size: int | None = None) -> GroupRollout:
+    if task.pivot >= policy.num_chunks:
+        raise ValueError(f"task {task.group_id}: pivot {task.pivot} outside the policy's {policy.num_chunks} chunks")
+    plan = noise_plan_for(policy, task.noise_seed)
+    if task.exploration == "initial_noise":
+        group_plan = plan.fork(task.pivot, task.group_size, task.sigma)
+    else:
+        group_plan = plan.fork_renoise(task.pivot, task.group_size)
+    text = policy.text_conditioning([task.prompt])
+    return rollout_group(policy, text, group_plan, task.record_final_latents, branch_batch_size)
+
+
+def decode_videos(policy: StreamingVideoPolicy, latents: torch.Tensor) -> list[Video]:
+    frames = policy.decode(latents)
+    return [Video(np.ascontiguousarray(frames[i]), policy.fps) for i in range(frames.shape[0])]
+
+
+def make_record(
+    task: RolloutTask,
+    policy_version: int,
+    rollout: GroupRollout,
+    prompt_key: str,
+    rewards: dict[str, np.ndarray],
+    valid: np.ndarray,
+) -> CandidateGroup:
+    cpu = lambda t: None if t is None else t.detach().to("cpu").contiguous()  # noqa: E731
+    return CandidateGroup(
+        group_id=task.group_id,
+        prompt=task.prompt,
+        prompt_key=prompt_key,
+        adapter_name=task.adapter_name,
+        policy_version=policy_version,
+        pivot=rollout.pivot,
+        num_chunks=rollout.num_chunks,
+        group_size=rollout.group_size,
+        sigma=rollout.sigma,
+        noise_seed=task.noise_seed,
+        exploration=rollout.exploration,
+        prefix_latents=cpu(rollout.prefix_latents),
+        timesteps=cpu(rollout.timesteps).float(),
+        pivot_inputs=cpu(rollout.pivot_inputs),
+        pivot_x0=cpu(rollout.pivot_x0),
+        final_latents=cpu(rollout.final_latents),
+        rewards={h: torch.from_numpy(v) for h, v in rewards.items()},
+        reward_valid=torch.from_numpy(valid),
+    )
+
+
+def produce_group(
+    policy: StreamingVideoPolicy,
+    task: RolloutTask,
+    policy_version: int,
+    score: ScoreFn,
+    heads: tuple[str, ...],
+    branch_batch_size: int | None = None,
+) -> ProducedGroup:
+    """Fork at the task's pivot, complete every branch, decode each once, score, build the record."""
+    t0 = time.perf_counter()
+    rollout = fork_group(policy, task, branch_batch_size)
+    t1 = time.perf_counter()
+    videos = decode_videos(policy, rollout.latents)
+    t2 = time.perf_counter()
+    results = score(videos, [task.prompt] * len(videos))
+    if len(results) != len(videos):
+        raise RuntimeError(f"reward service returned {len(results)} results for {len(videos)} videos")
+    rewards, valid = results_to_arrays(results, heads)
+    t3 = time.perf_counter()
+    record = make_record(task, policy_version, rollout, policy.prompt_key(task.prompt), rewards, valid)
+    return ProducedGroup(record, t1 - t0, t2 - t1, t3 - t2, rollout.forward_passes)

@@ -1,0 +1,59 @@
+"""What the driver asks a rollout worker for, and what comes back (small, typed, no tensors)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RolloutTask(BaseModel):
+    """One candidate group to generate. Everything random about it follows from `noise_seed`, so a
+    task re-run after a worker crash gives the same group (and the same `group_id`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    group_id: str
+    prompt: str
+    noise_seed: int = Field(ge=0)
+    pivot: int = Field(ge=0)  # 0-based chunk index
+    group_size: int = Field(ge=2)
+    sigma: float = Field(ge=0.0, le=1.0)
+    exploration: Literal["initial_noise", "renoise"] = "initial_noise"
+    adapter_name: str  # the adapter the group trains (reference rollouts name the adapter they feed)
+    destination: Literal["queue", "buffer"] = "queue"
+    record_final_latents: bool = False
+
+
+class GroupSummary(BaseModel):
+    """What the driver learns about a finished group (the group itself went to the replay store)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    group_id: str
+    worker: str
+    prompt: str
+    pivot: int
+    policy_version: int
+    stored: bool  # False: dropped (too few valid rewards) or a duplicate of an applied group
+    drop_reason: str = ""
+    reward_means: dict[str, float]  # per head, over valid branches
+    num_valid: int
+    forward_passes: int
+    rollout_s: float
+    decode_s: float
+    reward_s: float
+    push_s: float
+
+
+class EvalResult(BaseModel):
+    """Held-out scores of one (prompt, seed) video under the worker's current adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    seed: int
+    policy_version: int
+    rewards: dict[str, float]
+    valid: bool
+    reason: str = ""

@@ -1,0 +1,129 @@
+"""The rollout worker: a Ray actor holding one policy on its device.
+
+It runs either the frozen reference policy (no adapter) or the current policy (base + the run's
+adapter at the version the learner last broadcast). A restarted worker re-runs `__init__`, which
+pulls the current adapter from the learner before it generates anything: its state is rebuilt from
+the learner, never from its own memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+import torch
+
+from learner.config import Config
+from learner.policy_factory import add_adapter, build_configured_policy
+from policy.lora import import_adapter_state
+from policy.rollout import generate
+from replay import open_store
+from reward_service.base import Video
+from reward_service.server import remote_score
+from rollout_workers.produce import decode_videos, noise_plan_for, produce_group
+from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask
+
+log = logging.getLogger(__name__)
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        config: dict,
+        name: str,
+        reward_server: "ray.actor.ActorHandle",
+        store_url: str,
+        adapter_source: "ray.actor.ActorHandle | None" = None,
+        torch_threads: int | None = None,
+    ) -> None:
+        self.config = Config.model_validate(config)
+        self.name = name
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.policy = build_configured_policy(self.config.policy)
+        self.adapter = self.config.algorithm.effective_adapter_name if adapter_source is not None else None
+        self.version = 0
+        if self.adapter is not None:
+            add_adapter(self.policy, self.adapter, self.config.lora)
+            version, state_ref = ray.get(adapter_source.current_adapter.remote())
+            self.set_adapter(version, ray.get(state_ref))
+        self.reward_server = reward_server
+        self.heads: tuple[str, ...] = tuple(ray.get(reward_server.heads.remote()))
+        self.store = open_store(store_url)
+        self.min_valid = self.config.reward.min_valid_per_group
+        log.info("rollout worker %s ready (pid %d, adapter %s v%d)", name, os.getpid(), self.adapter, self.version)
+
+    def info(self) -> dict:
+        return {"name": self.name, "pid": os.getpid(), "adapter": self.adapter, "version": self.version}
+
+    def set_adapter(self, version: int, state: dict[str, torch.Tensor]) -> int:
+        """Load adapter weights broadcast by the learner (only LoRA tensors cross the network)."""
+        if self.adapter is None:
+            raise RuntimeError(f"worker {self.name} runs the reference policy and takes no adapter")
+        if version < self.version:
+            return self.version  # a late broadcast of an older version is ignored
+        import_adapter_state(self.policy.transformer, self.adapter, state)
+        self.version = version
+        return version
+
+    def _score(self, videos: list[Video], prompts: list[str]):
+        return remote_score(self.reward_server, videos, prompts)
+
+    def produce(self, task: RolloutTask) -> GroupSummary:
+        produced = produce_group(self.policy, task, self.version, self._score, self.heads, self.config.rollout.branch_batch_size)
+        group = produced.group
+        valid = group.reward_valid
+        num_valid = int(valid.sum())
+        means = {h: float(group.rewards[h][valid].mean()) if num_valid else float("nan") for h in self.heads}
+        stored, reason = False, ""
+        t0 = time.perf_counter()
+        if num_valid < self.min_valid:
+            reason = f"only {num_valid} valid rewards (< {self.min_valid})"
+        elif task.destination == "buffer":
+            stored = self.store.buffer_add(group)
+            reason = "" if stored else "already in the buffer"
+        else:
+            stored = self.store.push(group) is not None
+            reason = "" if stored else "already applied"
+        return GroupSummary(
+            group_id=group.group_id,
+            worker=self.name,
+            prompt=group.prompt,
+            pivot=group.pivot,
+            policy_version=group.policy_version,
+            stored=stored,
+            drop_reason=reason,
+            reward_means=means,
+            num_valid=num_valid,
+            forward_passes=produced.forward_passes,
+            rollout_s=produced.rollout_s,
+            decode_s=produced.decode_s,
+            reward_s=produced.reward_s,
+            push_s=time.perf_counter() - t0,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, prompts: list[str], seeds: list[int], keep_frames: int = 0) -> tuple[list[EvalResult], list]:
+        """Generate one video per (prompt, seed) with the current policy and score it.
+
+        Returns the results and the decoded frames of the first `keep_frames` videos (for samples).
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        videos = []
+        for prompt, seed in zip(prompts, seeds):
+            text = self.policy.text_conditioning([prompt])
+            latents = generate(self.policy, text, noise_plan_for(self.policy, seed)).latents
+            videos.extend(decode_videos(self.policy, latents[None]))
+        results = self._score(videos, list(prompts)) if videos else []
+        out = [
+            EvalResult(prompt=p, seed=s, policy_version=self.version, rewards=dict(r.scores), valid=r.valid, reason=r.reason or "")
+            for p, s, r in zip(prompts, seeds, results)
+        ]
+        return out, [v.frames for v in videos[:keep_frames]]
+
+    def close(self) -> None:
+        self.store.close()
+
