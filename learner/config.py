@@ -85,6 +85,8 @@ class RolloutSettings(_Section):
     num_workers: int = Field(2, ge=1)
     num_gpus_per_worker: float = Field(0.0, ge=0)
     num_cpus_per_worker: float = Field(1.0, gt=0)
+    # Custom node resources each worker asks for, to pin it to its node group (deploy/: {"rollout_gpu": 1}).
+    resources: dict[str, float] = Field(default_factory=dict)
     branch_batch_size: int | None = Field(None, ge=1)
     # "pocket:train" / "pocket:heldout" name the pocket prompt sets; anything else is a text file, one prompt a line.
     prompts: str = "pocket:train"
@@ -98,6 +100,7 @@ class RewardSettings(_Section):
     advantage: Literal["weighted_sum", "per_head"] = "weighted_sum"
     num_actors: int = Field(1, ge=1)
     num_gpus_per_actor: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)  # e.g. {"reward_gpu": 1}
     batch_size: int = Field(8, ge=1)
     timeout_s: float = Field(300.0, gt=0)
     min_valid_per_group: int = Field(2, ge=2)
@@ -119,6 +122,7 @@ class RunSettings(_Section):
     eval_seeds: int = Field(1, ge=1)
     checkpoint_every: int = Field(10, ge=1)
     learner_num_gpus: float = Field(0.0, ge=0)
+    learner_resources: dict[str, float] = Field(default_factory=dict)  # e.g. {"learner_gpu": 1}
 
 
 class Config(_Section):

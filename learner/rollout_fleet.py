@@ -1,9 +1,22 @@
 """The rollout workers as one fleet: start, resize, broadcast adapters, run tasks with retries.
 
-Tasks are handed out dynamically (a worker gets the next task when it finishes one), so faster or
-more workers simply take more. A worker that dies mid-task is restarted by Ray (`max_restarts`); its
-constructor pulls the current adapter from the learner, and its unfinished task is handed to the
-fleet again. Tasks are deterministic in their seed, so a re-run produces the same group (same id).
+Tasks are handed out dynamically (a ready worker gets the next task when it finishes one), so faster
+or more workers simply take more. Tasks are deterministic in their seed, so a re-run produces the
+same group under the same id, which the replay store and the learner apply at most once.
+
+Membership changes while tasks run: `resize` starts workers without waiting for them (a worker
+whose resources are not there yet, e.g. until the autoscaler adds a node, simply stays "starting"),
+and a worker gets tasks once its constructor has returned, having pulled the current adapter from
+the learner. Shrinking removes starting and idle workers at once and busy ones after their task.
+
+Failures:
+- a worker that dies mid-task is restarted by Ray (`max_restarts`; its constructor pulls the current
+  adapter again); its task goes back to the queue. A worker whose restarts are spent is replaced by a
+  fresh one. A task that fails `max_attempts` times stops the run with the last error.
+- a worker that cannot reach the replay store (`ReplayUnavailableError`, raised after the store's own
+  bounded retries) does not use up its task's attempts: the fleet waits for the store to answer
+  again, at most `store_outage_s`, then runs the task again; past that it raises
+  `ReplayUnavailableError` saying for how long the store was gone.
 """
 
 from __future__ import annotations
@@ -12,24 +25,34 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from learner.config import Config
+from replay import ReplayUnavailableError, open_store
 from rollout_workers.tasks import GroupSummary, RolloutTask
 from rollout_workers.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
+
+_PROBE_RETRY_S = 0.25
 
 
 @dataclass(eq=False)
 class _Member:
     name: str
     handle: "ray.actor.ActorHandle"
+    probe: "ray.ObjectRef | None"  # an info() call in flight: the worker is starting or restarting
     draining: bool = False
     busy: dict = field(default_factory=dict)  # future -> task
+    info: dict = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.probe is None
 
 
 class RolloutFleet:
@@ -44,23 +67,30 @@ class RolloutFleet:
         max_attempts: int = 3,
         worker_cls: type = RolloutWorker,
         worker_options: dict | None = None,
+        worker_kwargs: dict | None = None,
+        store_outage_s: float = 600.0,
     ) -> None:
         self.config = config
         self.reward_server = reward_server
         self.store_url = store_url
         self.adapter_source = adapter_source
         self.max_attempts = max_attempts
+        self.store_outage_s = store_outage_s
+        self.worker_kwargs = dict(worker_kwargs or {})
         rollout = config.rollout
-        self._remote = ray.remote(worker_cls).options(
-            num_cpus=rollout.num_cpus_per_worker,
-            num_gpus=rollout.num_gpus_per_worker,
-            max_restarts=max_restarts,
-            max_task_retries=0,
+        options = {
+            "num_cpus": rollout.num_cpus_per_worker,
+            "num_gpus": rollout.num_gpus_per_worker,
+            "max_restarts": max_restarts,
+            "max_task_retries": 0,
             **(worker_options or {}),
-        )
+        }
+        self._remote = ray.remote(worker_cls).options(**options)
         self._names = itertools.count()
         self.members: list[_Member] = []
-        self.failures = 0
+        self.failures = 0  # tasks that failed and were handed out again
+        self.replaced = 0  # workers replaced after their restarts were spent (or holding a newer adapter)
+        self.store_waits = 0  # tasks that met an unreachable replay store
         self.resize(num_workers)
 
     # ------------------------------------------------------------------ membership
@@ -68,72 +98,198 @@ class RolloutFleet:
         name = f"rollout-{next(self._names)}"
         torch_threads = max(1, int(self.config.rollout.num_cpus_per_worker))
         handle = self._remote.remote(
-            self.config.model_dump(mode="json"), name, self.reward_server, self.store_url, self.adapter_source, torch_threads
+            self.config.model_dump(mode="json"), name, self.reward_server, self.store_url, self.adapter_source,
+            torch_threads, **self.worker_kwargs,
         )
-        return _Member(name, handle)
+        return _Member(name, handle, probe=handle.info.remote())
 
     def resize(self, num_workers: int, wait: bool = True) -> None:
-        """Grow (new workers pull the current adapter as they start) or shrink (idle workers go at
-        once, busy ones after their current task)."""
+        """Grow or shrink to `num_workers`. With `wait`, return once every new worker is ready;
+        without, new workers join the running tasks as they become ready (e.g. when their node joins)."""
         if num_workers < 1:
             raise ValueError(f"the fleet needs at least one rollout worker, got {num_workers}")
         active = [m for m in self.members if not m.draining]
         fresh = [self._start() for _ in range(num_workers - len(active))]
         self.members.extend(fresh)
-        for member in sorted(active, key=lambda m: len(m.busy))[: max(0, len(active) - num_workers)]:
+        cheapest_first = sorted(active, key=lambda m: (m.ready, len(m.busy)))
+        for member in cheapest_first[: max(0, len(active) - num_workers)]:
             member.draining = True
         self._retire_idle()
-        if wait and fresh:
-            ray.get([m.handle.info.remote() for m in fresh])
-        log.info("rollout fleet at %d workers", self.size)
+        if wait:
+            self.wait_ready()
+        log.info("rollout fleet at %d workers (%d ready)", self.size, self.ready_size)
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until no worker is starting or restarting (raises TimeoutError after `timeout_s`)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while any(not m.ready for m in self.members):
+            if deadline is not None and time.monotonic() > deadline:
+                starting = [m.name for m in self.members if not m.ready]
+                raise TimeoutError(f"rollout workers {starting} not ready after {timeout_s}s (no resources for them?)")
+            self._poll(timeout=1.0)
 
     @property
     def size(self) -> int:
+        """Workers the fleet is meant to have (starting ones included, draining ones not)."""
         return sum(not m.draining for m in self.members)
+
+    @property
+    def ready_size(self) -> int:
+        """Workers that take tasks now."""
+        return sum(m.ready and not m.draining for m in self.members)
 
     def _retire_idle(self) -> None:
         for member in [m for m in self.members if m.draining and not m.busy]:
             ray.kill(member.handle, no_restart=True)
             self.members.remove(member)
 
+    def _replace(self, member: _Member, why: str) -> None:
+        log.warning("replacing rollout worker %s: %s", member.name, why)
+        ray.kill(member.handle, no_restart=True)
+        index = self.members.index(member)
+        fresh = self._start()
+        fresh.draining = member.draining
+        self.members[index] = fresh
+        self.replaced += 1
+        self._retire_idle()
+
     def handles(self) -> list:
-        return [m.handle for m in self.members if not m.draining]
+        """Handles of the ready workers (the ones that take tasks now)."""
+        return [m.handle for m in self.members if m.ready and not m.draining]
+
+    def infos(self) -> list[dict]:
+        """What each ready worker says about itself (name, pid, adapter version, ...)."""
+        return ray.get([h.info.remote() for h in self.handles()])
 
     # ------------------------------------------------------------------ broadcast
     def broadcast(self, version: int, adapter_ref: ray.ObjectRef) -> None:
-        """Every worker loads adapter `version` (passed by reference: fetched once per node)."""
-        ray.get([h.set_adapter.remote(version, adapter_ref) for h in self.handles()])
+        """Every worker loads adapter `version` (passed by reference: fetched once per node).
+
+        Starting workers get it after their constructor; a worker that dies meanwhile pulls the
+        current adapter when Ray restarts it. A worker that keeps a newer version (the learner was
+        restored from an older checkpoint) is replaced, so it starts from the learner's adapter."""
+        ready = [m for m in self.members if m.ready and not m.draining]
+        for member in self.members:
+            if not member.ready and not member.draining:
+                member.handle.set_adapter.remote(version, adapter_ref)  # queued behind its constructor
+        futures = [m.handle.set_adapter.remote(version, adapter_ref) for m in ready]
+        for member, future in zip(ready, futures):
+            try:
+                held = ray.get(future)
+            except RayActorError as err:
+                log.warning("broadcast to %s failed (%s); it reloads the adapter when restarted", member.name, type(err).__name__)
+                member.probe = member.handle.info.remote()
+                continue
+            if held != version:
+                self._replace(member, f"it holds adapter version {held}, the learner's is {version}")
 
     # ------------------------------------------------------------------ work
-    def run(self, tasks: list[RolloutTask], in_flight_per_worker: int = 1) -> list[GroupSummary]:
-        """Run every task to completion (retrying those whose worker died); summaries in task order."""
-        pending = deque((task, 0) for task in tasks)
+    def run(
+        self,
+        tasks: list[RolloutTask],
+        in_flight_per_worker: int = 1,
+        on_tick: Callable[[], None] | None = None,
+    ) -> list[GroupSummary]:
+        """Run every task to completion (retrying those whose worker died); summaries in task order.
+
+        `on_tick` is called about once a second (the driver applies scaling requests there)."""
+        pending = deque(tasks)
         results: dict[str, GroupSummary] = {}
-        order = [t.group_id for t in tasks]
-        attempts: dict[str, int] = {}
+        attempts: dict[str, int] = {t.group_id: 0 for t in tasks}
         while pending or any(m.busy for m in self.members):
-            for member in [m for m in self.members if not m.draining]:
-                while pending and len(member.busy) < in_flight_per_worker:
-                    task, tries = pending.popleft()
-                    attempts[task.group_id] = tries + 1
+            if on_tick is not None:
+                on_tick()
+            for member in self.members:
+                while member.ready and not member.draining and pending and len(member.busy) < in_flight_per_worker:
+                    task = pending.popleft()
+                    attempts[task.group_id] += 1
                     member.busy[member.handle.produce.remote(task)] = task
-            futures = {f: m for m in self.members for f in m.busy}
-            if not futures:
+            if not self.members:
                 raise RuntimeError("rollout tasks remain but the fleet has no worker")
-            ready, _ = ray.wait(list(futures), num_returns=1, timeout=1.0)
-            for future in ready:
-                member = futures[future]
-                task = member.busy.pop(future)
-                try:
-                    results[task.group_id] = ray.get(future)
-                except (RayActorError, RayTaskError) as err:
-                    self.failures += 1
-                    tries = attempts[task.group_id]
-                    if tries >= self.max_attempts:
-                        raise RuntimeError(f"group {task.group_id} failed {tries} times; last error: {err}") from err
-                    log.warning("rollout of %s failed on %s (%s); retrying", task.group_id, member.name, type(err).__name__)
-                    pending.append((task, tries))
-                    if isinstance(err, RayActorError):
-                        time.sleep(0.1)  # Ray is restarting the actor; its next call waits for it
+            for member, task, outcome in self._poll(timeout=1.0):
+                if isinstance(outcome, GroupSummary):
+                    results[task.group_id] = outcome
+                    continue
+                self.failures += 1
+                if isinstance(outcome, ReplayUnavailableError):
+                    attempts[task.group_id] -= 1  # the store's outage, not the task's fault
+                    self.store_waits += 1
+                    log.warning("%s could not store %s: %s", member.name, task.group_id, outcome)
+                    self._await_store()
+                elif attempts[task.group_id] >= self.max_attempts:
+                    raise RuntimeError(
+                        f"group {task.group_id} failed {attempts[task.group_id]} times; last error: {outcome}"
+                    ) from outcome
+                else:
+                    log.warning("rollout of %s failed on %s (%s); retrying", task.group_id, member.name, type(outcome).__name__)
+                pending.append(task)
             self._retire_idle()
-        return [results[g] for g in order]
+        return [results[t.group_id] for t in tasks]
+
+    def _poll(self, timeout: float) -> list[tuple[_Member, RolloutTask, object]]:
+        """Wait up to `timeout` for a task or a readiness probe; returns finished tasks as
+        (member, task, GroupSummary or the exception it failed with)."""
+        waiting: dict = {}
+        for member in self.members:
+            waiting.update({f: (member, None) for f in member.busy})
+            if member.probe is not None:
+                waiting[member.probe] = (member, "probe")
+        if not waiting:
+            return []
+        done, _ = ray.wait(list(waiting), num_returns=1, timeout=timeout)
+        if done:
+            done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
+        finished = []
+        for ref in done:
+            member, kind = waiting[ref]
+            if kind == "probe":
+                orphans = self._probe_done(member, ref)
+                finished.extend((member, task, RuntimeError(f"worker {member.name} was replaced")) for task in orphans)
+                continue
+            task = member.busy.pop(ref)
+            try:
+                finished.append((member, task, ray.get(ref)))
+            except RayActorError as err:
+                member.probe = member.handle.info.remote()  # answered once Ray has restarted it
+                finished.append((member, task, err))
+            except RayTaskError as err:
+                cause = err.cause if isinstance(err.cause, Exception) else err
+                finished.append((member, task, cause if isinstance(cause, ReplayUnavailableError) else err))
+        return finished
+
+    def _probe_done(self, member: _Member, ref: ray.ObjectRef) -> list[RolloutTask]:
+        """Act on a readiness probe; returns the tasks of a worker that had to be replaced."""
+        if member.probe is not ref:
+            return []
+        try:
+            member.info = ray.get(ref)
+            member.probe = None
+        except ActorUnavailableError:
+            time.sleep(_PROBE_RETRY_S)
+            member.probe = member.handle.info.remote()
+        except RayActorError as err:
+            if err.actor_init_failed:
+                raise RuntimeError(f"rollout worker {member.name} failed in its constructor: {err}") from err
+            orphans = list(member.busy.values())
+            member.busy.clear()
+            self._replace(member, f"it died and was not restarted ({type(err).__name__})")
+            return orphans
+        return []
+
+    def _await_store(self) -> None:
+        """Return once the replay store answers; ReplayUnavailableError after `store_outage_s`."""
+        start = time.monotonic()
+        while True:
+            try:
+                with open_store(self.store_url) as store:
+                    store.stats()
+                return
+            except ReplayUnavailableError as err:
+                waited = time.monotonic() - start
+                if waited >= self.store_outage_s:
+                    raise ReplayUnavailableError(
+                        f"the replay store stayed unreachable for {waited:.0f}s (rollout fleet's store_outage_s="
+                        f"{self.store_outage_s}); finished groups cannot be stored: {err}"
+                    ) from err
+                log.warning("replay store unreachable for %.0fs; rollout waits for it", waited)
+                time.sleep(min(2.0, self.store_outage_s - waited))

@@ -20,7 +20,7 @@ from learner.config import Config
 from learner.learner_actor import Learner
 from learner.metrics import ProjectMetrics
 from learner.rollout_fleet import RolloutFleet
-from replay import open_store
+from replay import URL_ENV as REPLAY_URL_ENV, open_store
 from reward_service.server import RewardServer
 from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask
 
@@ -56,7 +56,7 @@ class System:
         output.mkdir(parents=True, exist_ok=True)
         rollout, reward = config.rollout, config.reward
         init_ray(rollout.num_workers * rollout.num_cpus_per_worker + reward.num_actors + 1)
-        store_url = config.replay.url or (output / "replay").resolve().as_uri()
+        store_url = config.replay.url or os.environ.get(REPLAY_URL_ENV) or (output / "replay").resolve().as_uri()
         store = open_store(store_url, max_queue_len=config.replay.max_queue_groups)
         store.close()
         reward_server = ray.remote(RewardServer).options(max_concurrency=64, num_cpus=0).remote(
@@ -65,10 +65,11 @@ class System:
             batch_size=reward.batch_size,
             num_gpus=reward.num_gpus_per_actor,
             timeout_s=reward.timeout_s,
+            resources=reward.resources or None,
         )
         learner = (
             ray.remote(Learner)
-            .options(num_cpus=1, num_gpus=config.run.learner_num_gpus)
+            .options(num_cpus=1, num_gpus=config.run.learner_num_gpus, resources=config.run.learner_resources or None)
             .remote(config.model_dump(mode="json"), store_url, str(output / "checkpoints"))
         )
         ray.get(learner.publish.remote())

@@ -86,6 +86,7 @@ class RewardPool:
         batch_size: int = 4,
         num_gpus: float = 0.0,
         num_cpus: float = 1.0,
+        resources: dict[str, float] | None = None,
         timeout_s: float = 300.0,
         max_attempts: int = 3,
         max_restarts: int = 1,
@@ -109,6 +110,8 @@ class RewardPool:
         self.max_restarts = max_restarts
         self.start_timeout_s = start_timeout_s
         self._actor_options = {"num_gpus": num_gpus, "num_cpus": num_cpus, "max_restarts": max_restarts}
+        if resources:  # custom node resources pin the actors to their node group (e.g. {"reward_gpu": 1})
+            self._actor_options["resources"] = dict(resources)
         self._lock = threading.RLock()
         self._slots: list[_Slot] = []
         self._queue: deque[_Batch] = deque()

@@ -22,3 +22,13 @@ def redis_prefix():
     for key in client.scan_iter(match=prefix + "*", count=1000):
         client.delete(key)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def untrained_pocket_weights(tmp_path_factory):
+    """A pocket-preset weights directory with random (untrained) weights, for tests of mechanics."""
+    from policy.pocket.preset import new_transformer, save_pocket_weights
+
+    path = tmp_path_factory.mktemp("pocket_weights")
+    save_pocket_weights(new_transformer(0), path, {"note": "untrained, for tests"})
+    return path

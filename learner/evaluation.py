@@ -1,0 +1,66 @@
+"""Held-out evaluation of a policy in one process: the in-domain rewards and the out-of-domain metric.
+
+The training loop evaluates through its rollout workers (`System.evaluate`); merging and the
+experiments evaluate candidate weights here, side by side, with the same prompts and seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from policy.pipeline import StreamingVideoPolicy
+from policy.pocket.generation import generate_videos
+from reward_service.base import RewardModel, Video
+from reward_service.multi_reward import combine
+from reward_service.scoring import score_isolated
+
+OOD_METRICS = ("pocket_fvd",)
+
+
+@dataclass
+class EvalSummary:
+    rewards: dict[str, float]  # mean per head over valid videos
+    reward: float  # the weighted combination of the heads' means
+    ood: float | None  # out-of-domain metric (lower is better), None when not configured
+    invalid: int
+    videos: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    def row(self) -> dict:
+        out = {"reward": self.reward, **{f"reward_{h}": v for h, v in self.rewards.items()}, "invalid": self.invalid}
+        if self.ood is not None:
+            out["ood"] = self.ood
+        return out
+
+
+def ood_metric(name: str | None, videos: list[np.ndarray], prompts: list[str]) -> float | None:
+    if name is None:
+        return None
+    if name == "pocket_fvd":
+        from policy.pocket.ood_metric import pocket_fvd
+
+        return pocket_fvd(np.stack(videos), prompts)
+    raise ValueError(f"unknown out-of-domain metric {name!r}; known: {OOD_METRICS}")
+
+
+def evaluate_policy(
+    policy: StreamingVideoPolicy,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    rewards: Sequence[RewardModel],
+    weights: Mapping[str, float],
+    ood: str | None = None,
+    batch_size: int = 16,
+) -> EvalSummary:
+    """Generate one video per (prompt, seed), score it, and compute the out-of-domain metric."""
+    latents = generate_videos(policy, list(prompts), list(seeds), batch_size=batch_size)
+    frames = policy.decode(latents)
+    videos = [np.ascontiguousarray(f) for f in frames]
+    results = score_isolated(rewards, [Video(v, policy.fps) for v in videos], list(prompts))
+    valid = [r for r in results if r.valid]
+    means = {h: float(np.mean([r.scores[h] for r in valid])) if valid else math.nan for h in weights}
+    combined = float(combine({h: [means[h]] for h in weights}, weights)[0])
+    return EvalSummary(means, combined, ood_metric(ood, videos, list(prompts)), len(results) - len(valid), videos)
