@@ -24,7 +24,6 @@ SMALL = [
     "run.eval_prompts_limit=2",
     "run.eval_every=0",
     "run.checkpoint_every=1",
-    "policy.transformer_checkpoint=/tmp/pw",
 ]
 
 
@@ -33,9 +32,10 @@ def _adapter(path):
 
 
 @pytest.mark.slow
-def test_on_policy_runs_writes_its_outputs_and_resumes(ray_local, tmp_path):
+def test_on_policy_runs_writes_its_outputs_and_resumes(ray_local, tmp_path, untrained_pocket_weights):
     out = tmp_path / "run"
-    rows = train(load_config(None, SMALL + ["run.iterations=2"]), out)
+    small = SMALL + [f"policy.transformer_checkpoint={untrained_pocket_weights}"]
+    rows = train(load_config(None, small + ["run.iterations=2"]), out)
     assert [r["iteration"] for r in rows] == [0, 1]
     for key in ("reward_mean", "reward_VQ", "reward_MQ", "reward_TA", "loss", "clip_fraction", "policy_version",
                 "rollout_s", "reward_s", "update_s", "broadcast_s"):
@@ -50,7 +50,7 @@ def test_on_policy_runs_writes_its_outputs_and_resumes(ray_local, tmp_path):
     assert state["iteration"] == 2 and state["policy_version"] == 2
 
     # Resume: continues at iteration 2 from the saved adapter, and the run's history is kept.
-    rows = train(load_config(None, SMALL + ["run.iterations=3"]), out, resume=True)
+    rows = train(load_config(None, small + ["run.iterations=3"]), out, resume=True)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert rows[-1]["policy_version"] == 3
     resumed = _adapter(out / "checkpoints" / "iter_000003")
