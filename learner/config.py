@@ -60,7 +60,12 @@ class AlgorithmSettings(_Section):
     # Astrolabe NFT
     nft_beta: float = Field(0.1, gt=0)
     nft_kl_beta: float = Field(1e-4, ge=0)
-    nft_window_chunks: int | None = Field(None, ge=1)
+    nft_window_chunks: int | None = Field(None, ge=1)  # chunks trained from the pivot on; None: to the end
+    # Uncertainty-aware selective regularisation towards a dynamic reference adapter (replaces the base KL).
+    nft_selective_reg: bool = False
+    nft_aux_heads: list[str] | None = None  # auxiliary rewards of the disagreement; None: every weighted head
+    nft_ema_rate: float = Field(0.001, ge=0)  # old adapter decay = min(rate * optimiser steps, max)
+    nft_ema_max: float = Field(0.5, ge=0, le=1.0)
 
     @model_validator(mode="after")
     def _check(self) -> "AlgorithmSettings":
