@@ -2,6 +2,7 @@
 
 Layout of `<output>/checkpoints/iter_000012/`:
     adapter/             adapter_config.json + adapter_model.safetensors (loadable by peft / diffusers)
+    adapter_<role>/      further adapters the objective keeps (NFT: the EMA old and the reference), same layout
     optimizer.pt         optimiser state dict (tensors and numbers only; loaded with weights_only=True)
     state.json           iteration, policy version, applied group ids, RNG states, controller states
 A checkpoint directory is written under a temporary name and renamed when complete, then `latest`
@@ -38,13 +39,17 @@ def save_learner_checkpoint(
     adapter: str,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
+    extra_adapters: dict[str, str] | None = None,
 ) -> Path:
+    """`extra_adapters` maps a directory name inside the checkpoint to the adapter saved there."""
     root = Path(root)
     final = checkpoint_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_adapter(transformer, adapter, tmp / "adapter")
+    for dirname, name in (extra_adapters or {}).items():
+        save_adapter(transformer, name, tmp / dirname)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "adapter": adapter, **state}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
@@ -65,16 +70,24 @@ def latest_checkpoint(root: Path) -> Path:
 
 
 def load_learner_checkpoint(
-    path: Path, transformer: torch.nn.Module, adapter: str, optimizer: torch.optim.Optimizer | None
+    path: Path,
+    transformer: torch.nn.Module,
+    adapter: str,
+    optimizer: torch.optim.Optimizer | None,
+    extra_adapters: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Restore the adapter weights (and the optimiser) in place; returns the saved state."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     if state.get("adapter") != adapter:
         raise ValueError(f"{path} holds adapter {state.get('adapter')!r}, this run trains {adapter!r}")
-    with safe_open(path / "adapter" / ADAPTER_WEIGHTS_FILE, framework="pt", device="cpu") as handle:
-        weights = {key.removeprefix(PEFT_KEY_PREFIX): handle.get_tensor(key) for key in handle.keys()}
-    import_adapter_state(transformer, adapter, weights)
+    for dirname, name in {"adapter": adapter, **(extra_adapters or {})}.items():
+        weights_file = path / dirname / ADAPTER_WEIGHTS_FILE
+        if not weights_file.is_file():
+            raise CheckpointNotFound(f"{path} lacks {dirname}/{ADAPTER_WEIGHTS_FILE} (adapter {name!r})")
+        with safe_open(weights_file, framework="pt", device="cpu") as handle:
+            weights = {key.removeprefix(PEFT_KEY_PREFIX): handle.get_tensor(key) for key in handle.keys()}
+        import_adapter_state(transformer, name, weights)
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     return state
