@@ -84,6 +84,7 @@ class KVCache:
         self.slot_frames: list[int] = [-1] * self.capacity
         self.text_keys: list[torch.Tensor] | None = None
         self.text_values: list[torch.Tensor] | None = None
+        self.read_only = False
 
     @classmethod
     def for_model(
@@ -135,6 +136,8 @@ class KVCache:
                 f"a chunk of {num_frames} frames does not fit in local_window={self.local_window} "
                 f"with sink_frames={self.sink_frames}"
             )
+        if write and self.read_only:
+            raise RuntimeError("this cache holds broadcast views (expand(copy=False)); forward with write_cache=False")
         if write:
             for frame, slot in zip(range(start_frame, end), slots):
                 self.slot_frames[slot] = frame
@@ -186,13 +189,21 @@ class KVCache:
         self.text_keys = self.text_values = None
 
     # ------------------------------------------------------------------------------ batching
-    def expand(self, batch_size: int) -> KVCache:
-        """A new cache holding this batch-1 cache's content repeated ``batch_size`` times (copied)."""
+    def expand(self, batch_size: int, copy: bool = True) -> KVCache:
+        """A new cache holding this batch-1 cache's content repeated ``batch_size`` times.
+
+        ``copy=False`` gives broadcast views (no memory) for a cache that will only be read, i.e.
+        forwards with ``write_cache=False``; writing into such a cache raises.
+        """
         if self.batch_size != 1:
             raise ValueError(f"only a batch-1 cache can be expanded, this one has batch {self.batch_size}")
-        keys = [k.expand(batch_size, -1, -1, -1).clone() for k in self.keys]
-        values = [v.expand(batch_size, -1, -1, -1).clone() for v in self.values]
-        out = self._like(batch_size, (keys, values))
+
+        def rep(t: torch.Tensor) -> torch.Tensor:
+            view = t.expand(batch_size, -1, -1, -1)
+            return view.clone() if copy else view
+
+        out = self._like(batch_size, ([rep(k) for k in self.keys], [rep(v) for v in self.values]))
+        out.read_only = not copy
         if self.text_keys is not None:
             # Text K/V are read-only after the first chunk: broadcast views, no copy.
             out.set_text(

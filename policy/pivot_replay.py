@@ -59,7 +59,7 @@ def replay_pivot_chunk(
         raise ValueError(f"timesteps must be [B={b}], got {tuple(timesteps.shape)}")
     if prefix_cache is None:
         prefix_cache = rebuild_prefix_cache(policy, text_cond, prefix_latents)
-    cache = prefix_cache.expand(b)
+    cache = prefix_cache.expand(b, copy=False)  # read-only context: broadcast views, no copy
     cache.clear_text()  # recomputed with gradient
     x_t = x_t.to(policy.device, policy.dtype)
     flow = policy.transformer.forward_chunk(

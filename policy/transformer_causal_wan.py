@@ -193,7 +193,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         t = self._per_frame_timesteps(timesteps, b, frames)
         _, ph, pw = self.config.patch_size
         grid = (frames, h // ph, w // pw)
-        self._count(b)
+        if b != kv_cache.batch_size:
+            raise ValueError(f"chunk batch {b} != cache batch {kv_cache.batch_size}; expand the cache first")
 
         if not kv_cache.has_text():
             if encoder_hidden_states is None:
@@ -209,6 +210,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         positions = torch.arange(start_frame, start_frame + frames, device=x.device)
         cos, sin = self._rope(positions, grid[1], grid[2])
         chunk: ChunkSlots = kv_cache.plan_chunk(start_frame, frames, write_cache)
+        self._count(b)
 
         def make_self_attn(layer: int):
             def self_attn(attn, normed):

@@ -136,3 +136,24 @@ def test_bad_inputs_are_named(model):
         model.forward_chunk(torch.zeros(2, 3, C, H, W), torch.zeros(2), cache, 0, torch.zeros(2, 3, 32))
     with pytest.raises(ValueError, match="divisible"):
         model.tokens_per_frame(7, 8)
+
+
+def test_text_kv_computed_once_per_video_and_read_only_caches_refuse_writes(model, inputs):
+    x, text, t = inputs
+    calls = []
+    handle = model.blocks[0].attn2.to_k.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        cache = model.new_kv_cache(1, 12, H, W)
+        with torch.no_grad():
+            for s in range(0, 12, 3):
+                for _ in range(2):  # two denoising steps on the same slot
+                    model.forward_chunk(x[:1, s : s + 3], t[:1, s : s + 3], cache, s, text[:1])
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    shared = cache.expand(3, copy=False)
+    assert shared.keys[0].data_ptr() == cache.keys[0].data_ptr()  # broadcast view, no copy
+    with pytest.raises(RuntimeError, match="write_cache=False"):
+        model.forward_chunk(x[:1, :3].expand(3, -1, -1, -1, -1), t[:1, :3].expand(3, -1), shared, 9)
+    copied = cache.expand(3)
+    assert copied.keys[0].data_ptr() != cache.keys[0].data_ptr() and torch.equal(copied.keys[0][2], cache.keys[0][0])
