@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from learner.checkpoint import latest_checkpoint, load_learner_checkpoint, save_learner_checkpoint
+from learner.checkpoint import CheckpointNotFound, latest_checkpoint, load_learner_checkpoint, save_learner_checkpoint
 from learner.config import Config
 from learner.objectives import sample_anchors
 from learner.policy_factory import add_adapter, build_configured_policy
 from learner.updates import GroupLoss, copo_group_loss, sde_grpo_group_loss
 from policy.lora import export_adapter_state
-from replay import Delivery, open_store
+from replay import Delivery, ReplayUnavailableError, open_store
 from replay.record import CandidateGroup
 from reward_service.multi_reward import group_advantages
 
@@ -56,6 +56,15 @@ class Learner:
         self.applied_since_checkpoint: list[str] = []
         self.restored_applied: set[str] = set()
         self._adapter_ref = None
+        # Deliveries made before this time (to a previous process of this learner, or to a pull an
+        # outage cut short) are taken back by the next pull instead of after the store's claim_idle_s.
+        self._reclaim_before: float | None = None
+        if _restarted_by_ray():  # max_restarts: continue from the newest checkpoint, if there is one
+            try:
+                self.restore_latest()
+            except CheckpointNotFound:
+                self._reclaim_before = time.monotonic()
+                log.warning("learner restarted before its first checkpoint: starting from the initial adapter")
 
     # ------------------------------------------------------------------ broadcast
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -82,17 +91,36 @@ class Learner:
         seen = {d.group_id for d in self.unacked}
         taken: list[Delivery] = []
         deadline = time.monotonic() + timeout_s
-        while len(taken) < num_groups and time.monotonic() < deadline:
-            block_ms = int(max(1, min(1000, (deadline - time.monotonic()) * 1000)))
-            for d in self.store.pull(num_groups - len(taken), self.consumer, block_ms, min_policy_version=min_version):
-                if d.group_id in self.restored_applied:
-                    self.store.ack(d)  # its update is in the restored checkpoint
-                elif d.group_id in seen:
-                    self.unacked.append(d)  # a second delivery of a group already applied
-                else:
-                    seen.add(d.group_id)
-                    taken.append(d)
+        try:
+            while len(taken) < num_groups and time.monotonic() < deadline:
+                block_ms = int(max(1, min(1000, (deadline - time.monotonic()) * 1000)))
+                for d in self._pull(num_groups - len(taken), block_ms, min_version):
+                    if d.group_id in self.restored_applied:
+                        self.store.ack(d)  # its update is in the restored checkpoint
+                    elif d.group_id in seen:
+                        self.unacked.append(d)  # a second delivery of a group already applied
+                    else:
+                        seen.add(d.group_id)
+                        taken.append(d)
+        except ReplayUnavailableError:
+            self._reclaim_before = time.monotonic()  # the call is made again; take back what this one held
+            raise
         return taken
+
+    def _pull(self, n: int, block_ms: int, min_version: int) -> list[Delivery]:
+        """`store.pull`, reclaiming at once every delivery made before `_reclaim_before`: those idle
+        longer than this learner has been running since then."""
+        options = self.store.options
+        if self._reclaim_before is not None:
+            age = time.monotonic() - self._reclaim_before
+            if age >= options.claim_idle_s:
+                self._reclaim_before = None  # the store's own reclaiming covers them now
+            else:
+                self.store.options = options.model_copy(update={"claim_idle_s": max(age, 1e-3)})
+        try:
+            return self.store.pull(n, self.consumer, block_ms, min_policy_version=min_version)
+        finally:
+            self.store.options = options
 
     def _advantages(self, group: CandidateGroup) -> torch.Tensor:
         weights = self.config.reward.weights
@@ -195,6 +223,7 @@ class Learner:
         self.buffer_rng.bit_generator.state = state["buffer_rng"]
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         self._adapter_ref = None
+        self._reclaim_before = time.monotonic()  # deliveries held before the restore come back at once
         log.info("learner restored %s (iteration %d, version %d)", path, self.iteration, self.version)
         return state
 
@@ -204,3 +233,13 @@ class Learner:
 
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else math.nan
+
+
+def _restarted_by_ray() -> bool:
+    """True inside an actor that Ray has restarted (max_restarts), so its constructor runs again."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    context = ray.get_runtime_context()
+    return context.get_actor_id() is not None and context.was_current_actor_reconstructed
