@@ -1,0 +1,151 @@
+"""The pocket preset: the block-causal Wan transformer at a tiny size, with the pocket codec and text encoder.
+
+``load_pocket_policy()`` returns a ready :class:`StreamingVideoPolicy` with the shipped weights
+(``policy/pocket/weights/``: diffusers ``config.json`` + ``diffusion_pytorch_model.safetensors``, and
+``pocket.json`` with the codec, text encoder and sampler settings and the training record).
+
+Geometry: 16 frames of 32x32 RGB at 8 fps -> latents ``[8, 96, 8, 8]`` -> 4 chunks of 2 latent frames,
+16 tokens per latent frame; 4-step sampler with the Self-Forcing timesteps ``[1000, 937.5, 833.3, 625]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from policy.pipeline import StreamingVideoPolicy
+from policy.pocket import domain
+from policy.pocket.codec import PocketCodec
+from policy.pocket.text_encoder import PocketTextEncoder
+from policy.presets import PolicyPreset, register_preset
+from policy.sampler import SamplerConfig
+from policy.transformer_causal_wan import CausalWanTransformer3DModel
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+POCKET_FILE = "pocket.json"
+
+TEXT_DIM = 32
+TEXT_TOKENS = 12
+FRAMES_PER_CHUNK = 2
+NUM_CHUNKS = 4
+
+POCKET_TRANSFORMER: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "in_channels": 96,
+    "out_channels": 96,
+    "text_dim": TEXT_DIM,
+    "freq_dim": 64,
+    "ffn_dim": 512,
+    "num_layers": 4,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 64,
+}
+LATENT_SHAPE = (96, 8, 8)
+LATENT_SCALE = 2.5
+
+
+def pocket_codec() -> PocketCodec:
+    return PocketCodec(time_stride=2, space_stride=4, scale=LATENT_SCALE, fps=domain.FPS)
+
+
+def pocket_text_encoder() -> PocketTextEncoder:
+    return PocketTextEncoder(dim=TEXT_DIM, max_tokens=TEXT_TOKENS)
+
+
+POCKET_PRESET = register_preset(
+    PolicyPreset(
+        name="pocket",
+        description=(
+            "pocket world: tiny block-causal Wan (dim 128, 4 layers) on 16x32x32 synthetic videos, "
+            "4 chunks of 2 latent frames; load with policy.pocket.load_pocket_policy()"
+        ),
+        transformer=POCKET_TRANSFORMER,
+        frames_per_chunk=FRAMES_PER_CHUNK,
+        num_chunks=NUM_CHUNKS,
+        latent_shape=LATENT_SHAPE,
+        sampler=SamplerConfig(),
+    )
+)
+
+
+def new_transformer(seed: int = 0) -> CausalWanTransformer3DModel:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CausalWanTransformer3DModel(**POCKET_TRANSFORMER)
+
+
+def policy_from_transformer(
+    transformer: CausalWanTransformer3DModel,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> StreamingVideoPolicy:
+    """Wrap a pocket-sized transformer into a policy with the pocket codec, text encoder and sampler."""
+    if next(transformer.parameters()).dtype != dtype:
+        transformer = transformer.to(dtype=dtype)
+    transformer = transformer.to(device=device).eval().requires_grad_(False)
+    return StreamingVideoPolicy(
+        transformer=transformer,
+        sampler=POCKET_PRESET.sampler,
+        frames_per_chunk=FRAMES_PER_CHUNK,
+        num_chunks=NUM_CHUNKS,
+        latent_shape=LATENT_SHAPE,
+        text_encoder=pocket_text_encoder(),
+        codec=pocket_codec(),
+        device=torch.device(device),
+        dtype=dtype,
+    )
+
+
+def read_pocket_record(weights_dir: str | Path = WEIGHTS_DIR) -> dict[str, Any]:
+    path = Path(weights_dir) / POCKET_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: train the pocket generator with `python -m policy.pocket.train`")
+    return json.loads(path.read_text())
+
+
+def load_pocket_policy(
+    weights_dir: str | Path = WEIGHTS_DIR,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> StreamingVideoPolicy:
+    """The trained pocket generator (shipped weights by default) as a ready policy."""
+    from policy.checkpoints import check_state_matches
+    from safetensors.torch import load_file
+
+    weights_dir = Path(weights_dir)
+    record = read_pocket_record(weights_dir)
+    weights = weights_dir / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: train the pocket generator with `python -m policy.pocket.train`")
+    config = json.loads((weights_dir / "config.json").read_text())
+    arch = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in POCKET_TRANSFORMER}
+    if arch != POCKET_TRANSFORMER:
+        diff = {k: (arch.get(k), v) for k, v in POCKET_TRANSFORMER.items() if arch.get(k) != v}
+        raise ValueError(f"{weights_dir}/config.json does not describe the pocket transformer: {diff}")
+    if record.get("latent_scale") != LATENT_SCALE:
+        raise ValueError(f"{weights_dir}/{POCKET_FILE} latent_scale {record.get('latent_scale')} != {LATENT_SCALE}")
+    transformer = CausalWanTransformer3DModel(**POCKET_TRANSFORMER)
+    state = load_file(weights, device="cpu")
+    check_state_matches(transformer, state, str(weights))
+    transformer.load_state_dict(state, strict=True)
+    return policy_from_transformer(transformer, device, dtype)
+
+
+def save_pocket_weights(
+    transformer: CausalWanTransformer3DModel, weights_dir: str | Path, record: dict[str, Any]
+) -> Path:
+    """Write ``config.json`` + safetensors (diffusers layout) and ``pocket.json`` into ``weights_dir``."""
+    weights_dir = Path(weights_dir)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    transformer.save_pretrained(weights_dir, safe_serialization=True)
+    full = {"latent_scale": LATENT_SCALE, "frames_per_chunk": FRAMES_PER_CHUNK, "num_chunks": NUM_CHUNKS,
+            "text_encoder_id": pocket_text_encoder().encoder_id, **record}
+    (weights_dir / POCKET_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    return weights_dir

@@ -1,0 +1,110 @@
+"""Write sample videos (MP4 or GIF) and a contact-sheet PNG for a list of prompts.
+
+    python -m policy.pocket.sample --out samples/                       # a few held-out prompts
+    python -m policy.pocket.sample --prompts "two red circles moving left on a dark background" --out samples/
+    python -m policy.pocket.sample --real --out samples/real            # the domain's own videos, for comparison
+
+Videos are upscaled (nearest neighbour, ``--zoom``) so 32x32 frames are viewable. The contact sheet
+has one row per video (every ``--every``-th frame) with the prompt and the verifier scores beside it.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads stall shared CPUs
+
+import argparse
+import re
+from pathlib import Path
+
+import numpy as np
+
+
+def slug(text: str, limit: int = 60) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit]
+
+
+def write_video(frames: np.ndarray, path: Path, fps: float, zoom: int) -> Path:
+    import imageio.v3 as iio
+
+    big = frames.repeat(zoom, axis=1).repeat(zoom, axis=2)
+    if path.suffix == ".gif":
+        iio.imwrite(path, big, duration=1000.0 / fps, loop=0)
+    else:
+        iio.imwrite(path, big, fps=fps, codec="libx264", macro_block_size=1)
+    return path
+
+
+def contact_sheet(videos: list[np.ndarray], labels: list[str], path: Path, every: int = 2, zoom: int = 3) -> Path:
+    """One row per video: every ``every``-th frame, upscaled, with its label on the left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [np.concatenate(list(v[::every].repeat(zoom, 1).repeat(zoom, 2)), axis=1) for v in videos]
+    height, width = rows[0].shape[:2]
+    fig_w = width / 100 + 4.2
+    fig, axes = plt.subplots(len(rows), 1, figsize=(fig_w, len(rows) * (height / 100 + 0.12)), squeeze=False)
+    for ax, row, label in zip(axes[:, 0], rows, labels):
+        ax.imshow(row, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.subplots_adjust(left=4.0 / fig_w, right=0.995, top=0.995, bottom=0.005, hspace=0.08)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def default_prompts() -> list[str]:
+    from policy.pocket import domain
+
+    return domain.heldout_prompts()[::7]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", nargs="+", default=None, help="prompts (default: every 7th held-out prompt)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed of the first video (then +1 per video)")
+    parser.add_argument("--per-prompt", type=int, default=1, help="videos per prompt")
+    parser.add_argument("--weights", default=None, help="pocket weights directory (default: the shipped weights)")
+    parser.add_argument("--real", action="store_true", help="write the domain's real videos instead of generating")
+    parser.add_argument("--format", choices=("mp4", "gif"), default="mp4")
+    parser.add_argument("--zoom", type=int, default=4, help="upscale factor of the written videos")
+    parser.add_argument("--every", type=int, default=2, help="frame stride of the contact sheet")
+    args = parser.parse_args(argv)
+
+    from policy.pocket import domain, verifiers
+
+    prompts = [p for p in (args.prompts or default_prompts()) for _ in range(args.per_prompt)]
+    for p in dict.fromkeys(prompts):
+        domain.parse_prompt(p)  # fail before any work on a prompt outside the grammar
+    seeds = [args.seed + i for i in range(len(prompts))]
+    if args.real:
+        videos = list(domain.generate_batch(prompts, seeds))
+        fps = domain.FPS
+    else:
+        from policy.pocket.generation import generate_videos
+        from policy.pocket.preset import WEIGHTS_DIR, load_pocket_policy
+
+        policy = load_pocket_policy(args.weights or WEIGHTS_DIR)
+        videos = list(policy.decode(generate_videos(policy, prompts, seeds)))
+        fps = policy.fps
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = []
+    for i, (video, prompt, seed) in enumerate(zip(videos, prompts, seeds)):
+        path = write_video(video, out / f"{i:02d}_{slug(prompt)}_seed{seed}.{args.format}", fps, args.zoom)
+        s = verifiers.score_video(video, prompt)
+        labels.append(f"{prompt}\nseed {seed}  TA {s['TA']:.2f}  VQ {s['VQ']:.2f}  MQ {s['MQ']:.2f}")
+        print(f"{path}  TA {s['TA']:.3f} VQ {s['VQ']:.3f} MQ {s['MQ']:.3f}")
+    sheet = contact_sheet(videos, labels, out / "contact_sheet.png", every=args.every)
+    print(f"contact sheet: {sheet}")
+
+
+if __name__ == "__main__":
+    main()
