@@ -15,6 +15,8 @@ statistics for RMSNorm/LayerNorm, float32 modulation.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import WanTransformer3DModel
 from torch.utils.checkpoint import checkpoint
@@ -51,6 +53,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             raise ValueError("image conditioning (image_dim / added_kv_proj_dim) is not supported by the causal model")
         self.forward_calls = 0  # model calls
         self.sample_forwards = 0  # model calls weighted by batch size: one per video per chunk forward
+
+    # diffusers reads a model's config fields from its __init__ signature (from_pretrained, from_config)
+    __init__.__signature__ = inspect.signature(WanTransformer3DModel.__init__)
 
     def cast(self, dtype: torch.dtype, device: torch.device | str | None = None) -> CausalWanTransformer3DModel:
         """Move to ``dtype``/``device`` keeping diffusers' ``_keep_in_fp32_modules`` in float32."""
