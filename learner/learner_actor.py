@@ -25,6 +25,7 @@ import torch
 
 from learner.checkpoint import CheckpointNotFound, latest_checkpoint, load_learner_checkpoint, save_learner_checkpoint
 from learner.config import Config
+from learner.nft_trainer import CHECKPOINT_ADAPTERS, NftTrainer
 from learner.objectives import sample_anchors
 from learner.policy_factory import add_adapter, build_configured_policy
 from learner.updates import GroupLoss, copo_group_loss, sde_grpo_group_loss
@@ -46,6 +47,8 @@ class Learner:
         add_adapter(self.policy, self.adapter, self.config.lora)
         self.params = [p for p in self.policy.transformer.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=alg.learning_rate, weight_decay=alg.weight_decay)
+        # NFT keeps an EMA "old" adapter (the sampling policy, what is broadcast) and a reference adapter.
+        self.nft = NftTrainer(self.policy, self.adapter, alg, self.config.reward, self.config.run.seed) if alg.objective == "nft" else None
         self.store = open_store(store_url)
         self.checkpoint_root = Path(checkpoint_root)
         self.consumer = consumer
@@ -69,7 +72,8 @@ class Learner:
 
     # ------------------------------------------------------------------ broadcast
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return export_adapter_state(self.policy.transformer, self.adapter)
+        """The sampling policy's adapter tensors: the trained adapter, or NFT's old adapter."""
+        return export_adapter_state(self.policy.transformer, self.nft.sampling_adapter if self.nft else self.adapter)
 
     def publish(self) -> tuple[int, int]:
         """Put the current adapter in the object store once; returns (version, bytes)."""
@@ -147,6 +151,13 @@ class Learner:
         alg = self.config.algorithm
         advantages = [self._advantages(g) for g in groups]
         usable = [(g, a) for g, a in zip(groups, advantages) if bool(a.abs().sum() > 0)]
+        if self.nft is not None:
+            self.policy.transformer.train()
+            stats = self.nft.train(usable, self.optimizer, self.params)
+            self.policy.transformer.eval()
+            heads = list(self.config.reward.weights)
+            per_head = {h: _mean([float(g.rewards[h][g.reward_valid].mean()) for g in groups if g.reward_valid.any()]) for h in heads}
+            return {"groups": len(groups), "groups_without_signal": len(groups) - len(usable), "group_reward_means": per_head, **stats}
         losses, clip_fracs, deviations, grad_norms = [], [], [], []
         self.policy.transformer.train()
         for _ in range(alg.updates_per_iteration if usable else 0):
@@ -205,9 +216,11 @@ class Learner:
             "anchor_rng": self.anchor_rng.get_state().tolist(),
             "buffer_rng": self.buffer_rng.bit_generator.state,
             "torch_rng": torch.get_rng_state().tolist(),
+            **({"nft": self.nft.state_dict()} if self.nft else {}),
             **(extra or {}),
         }
-        path = save_learner_checkpoint(self.checkpoint_root, self.iteration, self.policy.transformer, self.adapter, self.optimizer, state)
+        path = save_learner_checkpoint(self.checkpoint_root, self.iteration, self.policy.transformer, self.adapter, self.optimizer, state,
+                                       extra_adapters=CHECKPOINT_ADAPTERS if self.nft else None)
         for d in self.unacked:
             self.store.ack(d)
         self.unacked.clear()
@@ -217,7 +230,10 @@ class Learner:
     def restore_latest(self) -> dict:
         """Load the newest checkpoint; returns its state (the driver's part included)."""
         path = latest_checkpoint(self.checkpoint_root)
-        state = load_learner_checkpoint(path, self.policy.transformer, self.adapter, self.optimizer)
+        state = load_learner_checkpoint(path, self.policy.transformer, self.adapter, self.optimizer,
+                                        extra_adapters=CHECKPOINT_ADAPTERS if self.nft else None)
+        if self.nft is not None:
+            self.nft.load_state_dict(state.get("nft", {}))
         self.iteration, self.version = int(state["iteration"]), int(state["policy_version"])
         self.restored_applied = set(state["applied_group_ids"])
         self.anchor_rng.set_state(torch.tensor(state["anchor_rng"], dtype=torch.uint8))
