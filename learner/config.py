@@ -61,6 +61,8 @@ class AlgorithmSettings(_Section):
     nft_beta: float = Field(0.1, gt=0)
     nft_kl_beta: float = Field(1e-4, ge=0)
     nft_window_chunks: int | None = Field(None, ge=1)  # chunks trained from the pivot on; None: to the end
+    # Branches per NFT micro-batch (bounds the learner's KV caches: 3 rolling contexts of this many videos).
+    nft_micro_batch: int | None = Field(None, ge=1)  # None: all valid branches of a group at once
     # Uncertainty-aware selective regularisation towards a dynamic reference adapter (replaces the base KL).
     nft_selective_reg: bool = False
     nft_aux_heads: list[str] | None = None  # auxiliary rewards of the disagreement; None: every weighted head
