@@ -14,7 +14,8 @@ One iteration (an Astrolabe "epoch") on the groups the rollouts produced with th
        combination) and the auxiliary heads over the batch's samples -> the uncertain samples
                                                                       (SelectiveRegController)
     3  `updates_per_iteration` optimiser steps; each runs `nft_group_update` on every group's
-       window of chunks (from the pivot on), one raw timestep per (group, chunk) micro-batch
+       window of chunks (from the pivot on), in micro-batches of `nft_micro_batch` branches, one raw
+       timestep per (micro-batch, chunk); the loss is the mean over groups, chunks and samples
     4  old = d old + (1 - d) trainable,  d = min(rate * optimiser steps, max)   (ema_decay)
 
 Everything random (timesteps, forward noise) comes from the trainer's own generator, which is
@@ -158,13 +159,18 @@ class NftTrainer:
             optimizer.zero_grad(set_to_none=True)
             step = []
             for (group, adv), selected in zip(groups, masks):
-                branches = torch.nonzero(group.reward_valid).flatten()
+                valid = torch.nonzero(group.reward_valid).flatten()
                 window = nft_window(group, alg.nft_window_chunks)
-                step += nft_group_update(
-                    self.policy, group, branches, nft_reward_weight(adv[branches].float()), window,
-                    self._draws(window, len(branches)), self.adapters, self.switch, alg.nft_beta, alg.nft_kl_beta,
-                    selected=selected, loss_scale=1.0 / (len(groups) * len(window)),
-                )
+                size = alg.nft_micro_batch or len(valid)
+                for lo in range(0, len(valid), size):  # micro-batches of branches, one graph each
+                    part = slice(lo, lo + size)
+                    branches = valid[part]
+                    step += nft_group_update(
+                        self.policy, group, branches, nft_reward_weight(adv[branches].float()), window,
+                        self._draws(window, len(branches)), self.adapters, self.switch, alg.nft_beta, alg.nft_kl_beta,
+                        selected=None if selected is None else selected[part],
+                        loss_scale=len(branches) / (len(valid) * len(groups) * len(window)),
+                    )
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, alg.max_grad_norm)))
             optimizer.step()
             self.steps += 1

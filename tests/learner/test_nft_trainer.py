@@ -200,6 +200,30 @@ def test_no_selected_sample_means_no_regulariser_and_no_reference_forward(pocket
     assert stats[0].reg_loss == 0.0 and stats[0].loss == pytest.approx(stats[0].policy_loss)
 
 
+def test_micro_batches_of_branches_add_up_to_the_full_batch_gradient(pocket):
+    """Splitting a group's branches into micro-batches (each weighted by its share of the samples)
+    gives the gradient of the whole batch: the NFT and base-KL terms are means over samples."""
+    policy = _pocket_policy_with(pocket[0], ("trained", "old"))
+    switch = AdapterSwitch(policy.transformer, "trained")
+    group, f = pocket[1][2], policy.frames_per_chunk
+    noise = torch.randn(3, f, *policy.latent_shape, generator=torch.Generator().manual_seed(4))
+    r, adapters = torch.tensor([0.8, 0.1, 0.4]), NftAdapters("trained", "old")
+    params = [p for p in policy.transformer.parameters() if p.requires_grad]
+
+    def gradient(parts):
+        for p in params:
+            p.grad = None
+        for rows in parts:
+            nft_group_update(policy, group, rows, r[rows], range(2, 3), [(750.0, noise[rows])], adapters, switch,
+                             0.1, 0.5, loss_scale=len(rows) / 3)
+        return torch.cat([p.grad.flatten() for p in params])
+
+    whole = gradient([torch.arange(3)])
+    split = gradient([torch.tensor([0, 1]), torch.tensor([2])])
+    assert whole.abs().max() > 0
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-9)
+
+
 def test_window_starts_at_the_pivot_and_stops_at_the_end(pocket):
     policy, group = pocket[0], pocket[1][2]
     assert nft_window(group, None) == range(2, 4)
@@ -293,7 +317,7 @@ def _learner(weights, tmp_path, name: str) -> Learner:
     config = load_config(CONFIG_DIR / "pocket_nft.yaml", [
         f"policy.transformer_checkpoint={weights}", "lora.rank=4", "lora.alpha=8", "algorithm.group_size=3",
         "algorithm.anchors_per_group=2", "algorithm.updates_per_iteration=2", "algorithm.nft_window_chunks=1",
-        "algorithm.nft_ema_rate=0.2",
+        "algorithm.nft_ema_rate=0.2", "algorithm.nft_micro_batch=2",
     ])
     return Learner(config.model_dump(mode="json"), (tmp_path / "store").as_uri(), str(tmp_path / name))
 
