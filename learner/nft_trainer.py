@@ -113,6 +113,8 @@ class NftTrainer:
         if copy:
             transformer = self.policy.transformer
             import_adapter_state(transformer, REFERENCE_ADAPTER, export_adapter_state(transformer, self.adapters.trainable))
+            log.info("NFT reference copied from the trained adapter at epoch %d (last epoch's regulariser %s, threshold now %.3f)",
+                     self.epoch, self.last_epoch_kl, self.reference.kl_threshold)
         return copy
 
     def select(self, groups: list[tuple[CandidateGroup, torch.Tensor]]) -> list[torch.Tensor]:
