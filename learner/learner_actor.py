@@ -18,6 +18,7 @@ import logging
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,9 @@ class Learner:
             "anchor_rng": self.anchor_rng.get_state().tolist(),
             "buffer_rng": self.buffer_rng.bit_generator.state,
             "torch_rng": torch.get_rng_state().tolist(),
+            # What this checkpoint applied but has not acked yet: a restore acks these exactly.
+            "unacked": [{"group_id": d.group_id, "entry_id": d.entry_id, "consumer": d.consumer, "handle": d.handle}
+                        for d in self.unacked],
             **({"nft": self.nft.state_dict()} if self.nft else {}),
             **(extra or {}),
         }
@@ -236,6 +240,7 @@ class Learner:
             self.nft.load_state_dict(state.get("nft", {}))
         self.iteration, self.version = int(state["iteration"]), int(state["policy_version"])
         self.restored_applied = set(state["applied_group_ids"])
+        self._ack_restored(state.get("unacked", []))
         self.anchor_rng.set_state(torch.tensor(state["anchor_rng"], dtype=torch.uint8))
         self.buffer_rng.bit_generator.state = state["buffer_rng"]
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
@@ -244,12 +249,30 @@ class Learner:
         log.info("learner restored %s (iteration %d, version %d)", path, self.iteration, self.version)
         return state
 
+    def _ack_restored(self, pending: list[dict]) -> None:
+        """Ack the deliveries the restored checkpoint applied but its process did not ack (it died
+        between writing the checkpoint and acking), however old they are by now."""
+        for p in pending:
+            delivery = Delivery(_AppliedGroup(p["group_id"]), p["entry_id"], p["consumer"], handle=p["handle"])
+            try:
+                self.store.ack(delivery)
+            except ReplayUnavailableError as err:  # then they are acked when delivered again (restored_applied)
+                log.warning("acking %s after the restore failed: %s", p["group_id"], err)
+                return
+
     def status(self) -> dict:
         return {"iteration": self.iteration, "version": self.version, "unacked": len(self.unacked)}
 
 
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else math.nan
+
+
+@dataclass(frozen=True)
+class _AppliedGroup:
+    """Stands for a group in a delivery rebuilt from a checkpoint (an ack reads only its id)."""
+
+    group_id: str
 
 
 def _restarted_by_ray() -> bool:
