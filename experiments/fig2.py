@@ -48,14 +48,14 @@ def build_section(runs: dict[str, list[RunResult]], base: Scores, final: dict[st
         title="AR-CoPO vs SDE-GRPO on the pocket world (mean ± std over seeds)",
     )
     base_overall = base.overall
-    change_rows, changes = [], {}
+    change_rows, changes, training_changes = [], {}, {}
     for method, method_rows in rows.items():
         tr_start, tr_end, tr_change = start_end(method_rows, "reward_mean", WINDOW)
         held_end = mean_spread([s.overall for s in final[method]])
         held_change = mean_spread([s.overall - base_overall for s in final[method]])
         silent = mean_spread([sum(r["groups_without_signal"] for r in rr) / max(1, sum(r["groups"] for r in rr))
                               for rr in method_rows])
-        changes[method] = held_change
+        changes[method], training_changes[method] = held_change, tr_change
         change_rows.append([method, tr_start.fmt(), tr_end.fmt(), tr_change.fmt(), f"{base_overall:.3f}", held_end.fmt(),
                             held_change.fmt(), silent.fmt(2)])
     table = markdown_table(
@@ -79,7 +79,7 @@ def build_section(runs: dict[str, list[RunResult]], base: Scores, final: dict[st
         "",
         held_table,
     ])
-    claim = fig2_claim(changes["AR-CoPO"], changes["SDE-GRPO"])
+    claim = fig2_claim(changes["AR-CoPO"], changes["SDE-GRPO"], training_changes)
     data = {
         "base": base.row(),
         "final": {m: [s.row() for s in ss] for m, ss in final.items()},
@@ -91,12 +91,15 @@ def build_section(runs: dict[str, list[RunResult]], base: Scores, final: dict[st
     return Section("fig2", "Figure 2 / 7: AR-CoPO vs SDE-GRPO reward curves", body, [claim], data)
 
 
-def fig2_claim(copo: Stat, sde: Stat) -> Claim:
+def fig2_claim(copo: Stat, sde: Stat, training: dict[str, Stat] | None = None) -> Claim:
     copo_up, sde_up = raises(copo), raises(sde)
     evidence = (
         f"Held-out Overall change after training: AR-CoPO {copo.fmt()} ({'a rise' if copo_up else 'no rise'}), "
         f"SDE-GRPO {sde.fmt()} ({'a rise' if sde_up else 'no rise'}); a rise is a positive mean change larger "
         f"than two standard errors over {copo.n} seed(s)."
     )
+    if training:
+        evidence += " Training reward, last vs first iterations: " + ", ".join(
+            f"{m} {c.fmt()} ({'a rise' if raises(c) else 'no rise'})" for m, c in training.items()) + "."
     holds = (copo_up and not sde_up) if min(copo.n, sde.n) >= 2 else None  # one seed has no spread to judge by
     return Claim("AR-CoPO raises the reward where SDE-GRPO does not", holds, evidence)
