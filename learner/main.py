@@ -13,6 +13,9 @@ iteration follows the paper's Algorithm 1:
 
 Semi-on-policy (and off-policy, its unclipped ablation) collects the reference groups once and
 then samples that buffer at every iteration; nothing is broadcast while it trains.
+
+Between iterations the driver applies scale requests (`python -m learner.scale`); restarts of the
+learner and outages of the replay store are survived as docs/operations.md describes.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
 from learner.config import Config, ConfigError, dump_config, load_config
 from learner.run_log import MetricsLog, plot_reward_curves
-from learner.system import System
+from learner.system import LearnerRestored, System
 from learner.task_sampler import TaskSampler, eval_set, load_prompts
 from policy.presets import get_preset
 from policy.video_io import contact_sheet
@@ -37,8 +41,18 @@ from reward_service.multi_reward import combine
 log = logging.getLogger("learner")
 
 
-def train(config: Config, output: Path, resume: bool = False) -> list[dict]:
-    """Run (or resume) training; returns the metrics rows. Everything lands under `output`."""
+def train(
+    config: Config,
+    output: Path,
+    resume: bool = False,
+    on_iteration: Callable[[System, dict], None] | None = None,
+    **system_options,
+) -> list[dict]:
+    """Run (or resume) training; returns the metrics rows. Everything lands under `output`.
+
+    `on_iteration(system, row)` is called after each finished iteration (monitoring, tests);
+    `system_options` go to `System.start` (e.g. `worker_cls=SimulatedRolloutWorker` and its
+    `worker_kwargs`, as the fault tests use)."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(dump_config(config))
@@ -47,7 +61,7 @@ def train(config: Config, output: Path, resume: bool = False) -> list[dict]:
     sampler = TaskSampler(config, load_prompts(config.rollout.prompts), get_preset(config.policy.preset).num_chunks, output.name)
     eval_prompts, eval_seeds = eval_set(load_prompts(config.rollout.eval_prompts), run.eval_seeds, run.eval_prompts_limit, run.seed)
 
-    system = System.start(config, output)
+    system = System.start(config, output, **system_options)
     try:
         start = 0
         if resume:
@@ -59,31 +73,50 @@ def train(config: Config, output: Path, resume: bool = False) -> list[dict]:
             log.info("reference buffer holds %d groups", size)
         baseline = None if resume else evaluate(system, config, eval_prompts, eval_seeds, output, tag="base")
 
-        for iteration in tqdm(range(start, run.iterations), desc=f"{alg.objective}/{alg.mode}", initial=start, total=run.iterations):
+        progress = tqdm(desc=f"{alg.objective}/{alg.mode}", initial=start, total=run.iterations)
+        iteration = start
+        while iteration < run.iterations:
+            system.apply_scaling()  # rollout workers / reward actors asked for by `python -m learner.scale`
             t0 = time.perf_counter()
-            if alg.mode == "on_policy":
-                tasks = sampler.tasks(iteration, alg.groups_per_iteration)  # 1: pivots, prompts, seeds
-                summaries = system.rollout(tasks)  # 2-6: fork at the pivot, complete, score, push
-                stats = system.update_on_policy(sum(s.stored for s in summaries))  # 7-9
-                system.broadcast()
-            else:
-                summaries = []
-                stats = system.update_from_buffer(alg.groups_per_iteration)  # 7-9 on reference groups
-            row = iteration_row(config, iteration, stats, summaries, system.timings, time.perf_counter() - t0)
-            last = iteration + 1 == run.iterations
-            if (run.eval_every and (iteration + 1) % run.eval_every == 0) or last:
-                if alg.mode != "on_policy":
+            try:
+                if alg.mode == "on_policy":
+                    tasks = sampler.tasks(iteration, alg.groups_per_iteration)  # 1: pivots, prompts, seeds
+                    summaries = system.rollout(tasks)  # 2-6: fork at the pivot, complete, score, push
+                    stats = system.update_on_policy(sum(s.stored for s in summaries))  # 7-9
                     system.broadcast()
-                row.update(evaluate(system, config, eval_prompts, eval_seeds, output, tag=f"iter_{iteration + 1:06d}"))
-            if baseline is not None and iteration == start:
-                row.update({f"base_{k}": v for k, v in baseline.items()})
-            metrics_log.append(row)
-            system.metrics.record_iteration(
-                iteration=iteration, policy_version=stats["policy_version"], loss=_finite(stats["loss"]),
-                clip_fraction=_finite(stats["clip_fraction"]), reward_mean={"combined": _finite(row["reward_mean"])},
-            )
-            if (iteration + 1) % run.checkpoint_every == 0 or last:
-                system.checkpoint({"metrics_rows": iteration + 1})
+                else:
+                    summaries = []
+                    stats = system.update_from_buffer(alg.groups_per_iteration)  # 7-9 on reference groups
+                row = iteration_row(config, iteration, stats, summaries, system.timings, time.perf_counter() - t0)
+                last = iteration + 1 == run.iterations
+                if (run.eval_every and (iteration + 1) % run.eval_every == 0) or last:
+                    if alg.mode != "on_policy":
+                        system.broadcast()
+                    row.update(evaluate(system, config, eval_prompts, eval_seeds, output, tag=f"iter_{iteration + 1:06d}"))
+                if baseline is not None and iteration == start:
+                    row.update({f"base_{k}": v for k, v in baseline.items()})
+                metrics_log.append(row)
+                system.metrics.record_iteration(
+                    iteration=iteration, policy_version=stats["policy_version"], loss=_finite(stats["loss"]),
+                    clip_fraction=_finite(stats["clip_fraction"]), reward_mean={"combined": _finite(row["reward_mean"])},
+                )
+                if (iteration + 1) % run.checkpoint_every == 0 or last:
+                    system.checkpoint({"metrics_rows": iteration + 1})
+                if on_iteration is not None:
+                    on_iteration(system, row)
+            except LearnerRestored as restored:
+                # The learner restarted from a checkpoint older than this iteration: the updates after
+                # it were lost, so continue from there, as --resume would (group ids repeat; each
+                # group is still applied once).
+                log.warning("%s; continuing from iteration %d", restored, restored.iteration)
+                iteration = system.resync(restored)
+                metrics_log.truncate_after(iteration)
+                progress.n = iteration
+                progress.refresh()
+                continue
+            iteration += 1
+            progress.update(1)
+        progress.close()
         rows = metrics_log.read()
         if rows:
             plot_reward_curves(rows, output / "reward_curve.png", title=f"{alg.objective} {alg.mode} ({config.policy.preset})")

@@ -11,8 +11,11 @@ the learner. Shrinking removes starting and idle workers at once and busy ones a
 
 Failures:
 - a worker that dies mid-task is restarted by Ray (`max_restarts`; its constructor pulls the current
-  adapter again); its task goes back to the queue. A worker whose restarts are spent is replaced by a
-  fresh one. A task that fails `max_attempts` times stops the run with the last error.
+  adapter again); its task goes back to the queue. A worker whose restarts are spent, or whose
+  constructor failed (e.g. while the learner itself was restarting), is replaced by a fresh one;
+  `max_init_failures` constructor failures in a row (after growing pauses) stop the run: a config
+  or checkpoint problem.
+  A task that fails `max_attempts` times stops the run with the last error.
 - a worker that cannot reach the replay store (`ReplayUnavailableError`, raised after the store's own
   bounded retries) does not use up its task's attempts: the fleet waits for the store to answer
   again, at most `store_outage_s`, then runs the task again; past that it raises
@@ -49,6 +52,7 @@ class _Member:
     draining: bool = False
     busy: dict = field(default_factory=dict)  # future -> task
     info: dict = field(default_factory=dict)
+    last_task_at: float = 0.0
 
     @property
     def ready(self) -> bool:
@@ -69,6 +73,7 @@ class RolloutFleet:
         worker_options: dict | None = None,
         worker_kwargs: dict | None = None,
         store_outage_s: float = 600.0,
+        wait: bool = True,
     ) -> None:
         self.config = config
         self.reward_server = reward_server
@@ -81,6 +86,7 @@ class RolloutFleet:
         options = {
             "num_cpus": rollout.num_cpus_per_worker,
             "num_gpus": rollout.num_gpus_per_worker,
+            "resources": dict(rollout.resources) or None,  # e.g. {"rollout_gpu": 1}: only rollout nodes
             "max_restarts": max_restarts,
             "max_task_retries": 0,
             **(worker_options or {}),
@@ -91,7 +97,9 @@ class RolloutFleet:
         self.failures = 0  # tasks that failed and were handed out again
         self.replaced = 0  # workers replaced after their restarts were spent (or holding a newer adapter)
         self.store_waits = 0  # tasks that met an unreachable replay store
-        self.resize(num_workers)
+        self.init_failures = 0  # worker constructors failed in a row
+        self.max_init_failures = 5
+        self.resize(num_workers, wait=wait)
 
     # ------------------------------------------------------------------ membership
     def _start(self) -> _Member:
@@ -199,11 +207,13 @@ class RolloutFleet:
         while pending or any(m.busy for m in self.members):
             if on_tick is not None:
                 on_tick()
-            for member in self.members:
+            # Least recently given a task first, so every worker (a new one too) shares the work.
+            for member in sorted(self.members, key=lambda m: m.last_task_at):
                 while member.ready and not member.draining and pending and len(member.busy) < in_flight_per_worker:
                     task = pending.popleft()
                     attempts[task.group_id] += 1
                     member.busy[member.handle.produce.remote(task)] = task
+                    member.last_task_at = time.monotonic()
             if not self.members:
                 raise RuntimeError("rollout tasks remain but the fleet has no worker")
             for member, task, outcome in self._poll(timeout=1.0):
@@ -269,27 +279,43 @@ class RolloutFleet:
             member.probe = member.handle.info.remote()
         except RayActorError as err:
             if err.actor_init_failed:
-                raise RuntimeError(f"rollout worker {member.name} failed in its constructor: {err}") from err
+                # E.g. the learner was restarting when this worker asked it for the adapter; a config
+                # or checkpoint problem fails every fresh worker too and stops the run.
+                self.init_failures += 1
+                if self.init_failures > self.max_init_failures:
+                    raise RuntimeError(
+                        f"rollout workers failed in their constructor {self.init_failures} times in a row; "
+                        f"last ({member.name}): {err}"
+                    ) from err
+                why = f"it failed in its constructor ({err})"
+                time.sleep(min(30.0, 2.0 ** (self.init_failures - 1)))  # e.g. give a restarting learner time
+            else:
+                why = f"it died and was not restarted ({type(err).__name__})"
             orphans = list(member.busy.values())
             member.busy.clear()
-            self._replace(member, f"it died and was not restarted ({type(err).__name__})")
+            self._replace(member, why)
             return orphans
+        self.init_failures = 0
         return []
 
     def _await_store(self) -> None:
-        """Return once the replay store answers; ReplayUnavailableError after `store_outage_s`."""
-        start = time.monotonic()
-        while True:
-            try:
-                with open_store(self.store_url) as store:
-                    store.stats()
-                return
-            except ReplayUnavailableError as err:
-                waited = time.monotonic() - start
-                if waited >= self.store_outage_s:
-                    raise ReplayUnavailableError(
-                        f"the replay store stayed unreachable for {waited:.0f}s (rollout fleet's store_outage_s="
-                        f"{self.store_outage_s}); finished groups cannot be stored: {err}"
-                    ) from err
-                log.warning("replay store unreachable for %.0fs; rollout waits for it", waited)
-                time.sleep(min(2.0, self.store_outage_s - waited))
+        wait_for_store(self.store_url, self.store_outage_s, "finished groups cannot be stored")
+
+
+def wait_for_store(store_url: str, outage_s: float, consequence: str) -> None:
+    """Return once the replay store answers; ReplayUnavailableError after `outage_s` seconds."""
+    start = time.monotonic()
+    while True:
+        try:
+            with open_store(store_url) as store:
+                store.stats()
+            return
+        except ReplayUnavailableError as err:
+            waited = time.monotonic() - start
+            if waited >= outage_s:
+                raise ReplayUnavailableError(
+                    f"the replay store stayed unreachable for {waited:.0f}s (store_outage_s={outage_s}); "
+                    f"{consequence}: {err}"
+                ) from err
+            log.warning("replay store unreachable for %.0fs; waiting for it", waited)
+            time.sleep(min(2.0, max(0.0, outage_s - waited)))

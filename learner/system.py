@@ -3,6 +3,17 @@ the rollout fleet, with one method per step of the training loop.
 
 The driver (`learner.main`) owns the control flow and calls these; every actor owns its resources;
 only small typed summaries and object references pass through the driver.
+
+Faults (docs/operations.md):
+- the learner actor has `max_restarts`; a restarted learner restores its newest checkpoint in its
+  constructor and takes back the deliveries its previous process held. A call it was serving is
+  made again when the restored learner is where the call found it (e.g. the update of the current
+  iteration); when the restore went back further (updates after the checkpoint were lost),
+  `LearnerRestored` tells the driver to continue from the checkpoint's iteration, as `--resume` would.
+- a replay store that stays unreachable past its own bounded retries (`ReplayUnavailableError`) makes
+  the driver wait for it (at most `store_outage_s`) and make the call again;
+- rollout worker and reward actor failures are handled by the fleet and the reward pool.
+Scaling: `apply_scaling` reads the output directory's scale request (`learner.scale`).
 """
 
 from __future__ import annotations
@@ -10,19 +21,25 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import ray
 
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+
+from learner.checkpoint import latest_checkpoint
 from learner.config import Config
 from learner.learner_actor import Learner
 from learner.metrics import ProjectMetrics
-from learner.rollout_fleet import RolloutFleet
-from replay import URL_ENV as REPLAY_URL_ENV, open_store
+from learner.rollout_fleet import RolloutFleet, wait_for_store
+from learner.scale import ScaleRequestError, read_scale_request
+from replay import URL_ENV as REPLAY_URL_ENV, ReplayUnavailableError, open_store
 from reward_service.server import RewardServer
 from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask
+from rollout_workers.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +55,15 @@ def init_ray(num_cpus_needed: float) -> None:
         ray.init(num_cpus=max(int(np.ceil(num_cpus_needed)), os.cpu_count() or 1), include_dashboard=False)
 
 
+class LearnerRestored(RuntimeError):
+    """The learner restarted and restored a checkpoint older than the driver's position: the driver
+    continues from `iteration` (the updates after that checkpoint were lost and are redone)."""
+
+    def __init__(self, iteration: int, version: int, during: str):
+        super().__init__(f"the learner restarted during {during} and restored iteration {iteration} (version {version})")
+        self.iteration, self.version = iteration, version
+
+
 @dataclass
 class System:
     config: Config
@@ -48,41 +74,73 @@ class System:
     fleet: RolloutFleet
     metrics: ProjectMetrics
     version: int = 0
+    learner_iteration: int = 0  # iterations the learner has done, as the driver saw them
     timings: dict = field(default_factory=dict)
+    store_outage_s: float = 600.0
+    learner_restart_timeout_s: float = 1800.0
+    max_call_attempts: int = 5
+    learner_restarts: int = 0  # restarts of the learner this driver has seen
+    store_waits: int = 0  # learner calls that met an unreachable replay store
+    reward_actors: int = 0
+    _scale_checked_at: float = 0.0
+    _scale_error: str = ""
+    _reward_resize: "ray.ObjectRef | None" = None
+    _corrupt_seen: int = 0
 
     @classmethod
-    def start(cls, config: Config, output: Path) -> System:
+    def start(
+        cls,
+        config: Config,
+        output: Path,
+        *,
+        worker_cls: type = RolloutWorker,
+        worker_kwargs: dict | None = None,
+        worker_options: dict | None = None,
+        learner_cls: type = Learner,
+        learner_max_restarts: int = 3,
+    ) -> System:
+        """Start the reward server, the learner and the rollout fleet (at the counts of the output
+        directory's scale request, if there is one, else the config's)."""
         output = Path(output)
         output.mkdir(parents=True, exist_ok=True)
         rollout, reward = config.rollout, config.reward
-        init_ray(rollout.num_workers * rollout.num_cpus_per_worker + reward.num_actors + 1)
+        request = _read_request(output)
+        num_workers = (request and request.rollout_workers) or rollout.num_workers
+        num_reward_actors = (request and request.reward_actors) or reward.num_actors
+        init_ray(num_workers * rollout.num_cpus_per_worker + num_reward_actors + 1)
         store_url = config.replay.url or os.environ.get(REPLAY_URL_ENV) or (output / "replay").resolve().as_uri()
-        store = open_store(store_url, max_queue_len=config.replay.max_queue_groups)
-        store.close()
-        reward_server = ray.remote(RewardServer).options(max_concurrency=64, num_cpus=0).remote(
+        with open_store(store_url, max_queue_len=config.replay.max_queue_groups) as store:
+            corrupt_before = store.stats().corrupt  # a resumed run counts only what it finds itself
+        # Restarted by Ray with its calls retried: a lost scoring call is simply made again.
+        reward_server = ray.remote(RewardServer).options(max_concurrency=64, num_cpus=0, max_restarts=3, max_task_retries=3).remote(
             [(reward.model, reward.options)],
-            num_actors=reward.num_actors,
+            num_actors=num_reward_actors,
             batch_size=reward.batch_size,
             num_gpus=reward.num_gpus_per_actor,
             timeout_s=reward.timeout_s,
             resources=reward.resources or None,
         )
         learner = (
-            ray.remote(Learner)
-            .options(num_cpus=1, num_gpus=config.run.learner_num_gpus, resources=config.run.learner_resources or None)
+            ray.remote(learner_cls)
+            .options(num_cpus=1, num_gpus=config.run.learner_num_gpus, resources=config.run.learner_resources or None,
+                     max_restarts=learner_max_restarts, max_task_retries=0)
             .remote(config.model_dump(mode="json"), store_url, str(output / "checkpoints"))
         )
+        # The workers start while the learner builds its policy; they pull its adapter when it is ready.
+        fleet = RolloutFleet(config, reward_server, store_url, learner, num_workers, worker_cls=worker_cls,
+                             worker_options=worker_options, worker_kwargs=worker_kwargs, wait=False)
         ray.get(learner.publish.remote())
-        fleet = RolloutFleet(config, reward_server, store_url, learner, rollout.num_workers)
-        metrics = ProjectMetrics()
-        metrics.set_rollout_workers(fleet.size)
-        metrics.set_reward_actors(ray.get(reward_server.num_actors.remote()))
-        return cls(config, output, store_url, reward_server, learner, fleet, metrics)
+        fleet.wait_ready()
+        system = cls(config, output, store_url, reward_server, learner, fleet, ProjectMetrics())
+        system.reward_actors = ray.get(reward_server.num_actors.remote())
+        system._corrupt_seen = corrupt_before
+        system._record_sizes()
+        return system
 
     # ------------------------------------------------------------------ the loop's steps
     def rollout(self, tasks: list[RolloutTask]) -> list[GroupSummary]:
         t0 = time.perf_counter()
-        summaries = self.fleet.run(tasks)
+        summaries = self.fleet.run(tasks, on_tick=self.apply_scaling)
         self.timings["rollout_s"] = time.perf_counter() - t0
         self.timings["reward_s"] = sum(s.reward_s for s in summaries) / max(1, self.fleet.size)
         self.metrics.observe_phase("rollout", self.timings["rollout_s"])
@@ -94,43 +152,61 @@ class System:
         return summaries
 
     def update_on_policy(self, num_groups: int) -> dict:
-        stats = ray.get(self.learner.train_on_policy.remote(num_groups, self.config.reward.timeout_s))
-        return self._after_update(stats)
+        return self._update("train_on_policy", num_groups, self.config.reward.timeout_s)
 
     def update_from_buffer(self, num_groups: int) -> dict:
-        return self._after_update(ray.get(self.learner.train_from_buffer.remote(num_groups)))
+        return self._update("train_from_buffer", num_groups)
 
-    def _after_update(self, stats: dict) -> dict:
+    def _update(self, method: str, *args) -> dict:
+        self._check_learner(method)
+        stats = self._call_learner(method, *args)
+        if stats["policy_version"] != self.version + 1:  # restarted between the check and the call
+            status = ray.get(self.learner.status.remote())
+            raise LearnerRestored(status["iteration"], status["version"], method)
+        self.learner_iteration += 1
         self.version = stats["policy_version"]
         self.timings["update_s"] = stats["update_s"]
         self.metrics.observe_phase("update", stats["update_s"])
         self.metrics.count_groups_consumed(stats["groups"])
         self.metrics.count_groups_applied(stats["groups"] - stats["groups_without_signal"])
+        self.metrics.set_policy_version(self.version)
+        self._record_replay()
         return stats
 
     def broadcast(self) -> None:
         t0 = time.perf_counter()
-        version, nbytes = ray.get(self.learner.publish.remote())
-        _, ref = ray.get(self.learner.current_adapter.remote())
+        version, nbytes = self._call_learner("publish")
+        _, ref = self._call_learner("current_adapter")
         self.fleet.broadcast(version, ref)
         self.timings["broadcast_s"] = time.perf_counter() - t0
         self.metrics.observe_phase("broadcast", self.timings["broadcast_s"])
         self.metrics.count_broadcast_bytes(nbytes * self.fleet.size)
 
     def evaluate(self, prompts: list[str], seeds: list[int], keep_frames: int = 0) -> tuple[list[EvalResult], list]:
-        """Held-out scores of the current policy, the (prompt, seed) pairs spread over the workers."""
-        handles = self.fleet.handles()
-        parts = [list(range(i, len(prompts), len(handles))) for i in range(len(handles))]
-        futures = [
-            h.evaluate.remote([prompts[j] for j in part], [seeds[j] for j in part], keep_frames if i == 0 else 0)
-            for i, (h, part) in enumerate(zip(handles, parts))
-            if part
-        ]
-        results, frames = [], []
-        for res, fr in ray.get(futures):
-            results.extend(res)
-            frames.extend(fr)
-        return results, frames
+        """Held-out scores of the current policy, the (prompt, seed) pairs spread over the workers; a
+        part whose worker died is evaluated again once the fleet is ready."""
+        results, frames = [None] * len(prompts), []
+        todo = list(range(len(prompts)))
+        for attempt in range(self.fleet.max_attempts):
+            self.fleet.wait_ready()
+            handles = self.fleet.handles()
+            parts = [todo[i :: len(handles)] for i in range(len(handles))]
+            calls = [(part, h.evaluate.remote([prompts[j] for j in part], [seeds[j] for j in part],
+                                              keep_frames if part[0] == 0 else 0))
+                     for h, part in zip(handles, parts) if part]
+            todo = []
+            for part, future in calls:
+                try:
+                    res, fr = ray.get(future)
+                except RayActorError:
+                    todo.extend(part)
+                    continue
+                for j, r in zip(part, res):
+                    results[j] = r
+                frames.extend(fr)
+            if not todo:
+                return results, frames
+        raise RuntimeError(f"evaluation of {len(todo)} held-out videos failed {self.fleet.max_attempts} times")
 
     def fill_reference_buffer(self, tasks: list[RolloutTask]) -> int:
         """Semi-on-policy: collect the reference groups (the adapter is still at version 0, which is
@@ -152,13 +228,24 @@ class System:
             store.close()
 
     def checkpoint(self, driver_state: dict) -> str:
-        return ray.get(self.learner.save_checkpoint.remote(driver_state))
+        # A learner restarted at this very iteration restored the checkpoint this call was writing.
+        done = lambda: str(latest_checkpoint(self.output / "checkpoints"))  # noqa: E731
+        return self._call_learner("save_checkpoint", driver_state, already_done=done)
 
     def restore(self) -> dict:
-        state = ray.get(self.learner.restore_latest.remote())
+        state = self._call_learner("restore_latest", expect_iteration=None)
+        self.learner_iteration = int(state["iteration"])
         self.version = int(state["policy_version"])
         self.broadcast()
         return state
+
+    def resync(self, restored: LearnerRestored) -> int:
+        """After `LearnerRestored`: align the driver and the workers with the restored learner;
+        returns the iteration to continue from."""
+        self.learner_iteration, self.version = restored.iteration, restored.version
+        self.metrics.set_policy_version(self.version)
+        self.broadcast()  # workers holding a newer (lost) adapter are replaced
+        return restored.iteration
 
     def replay_stats(self) -> dict:
         store = open_store(self.store_url)
@@ -167,9 +254,129 @@ class System:
         finally:
             store.close()
 
+    # ------------------------------------------------------------------ scaling
+    def apply_scaling(self, min_interval_s: float = 1.0) -> None:
+        """Resize the rollout fleet and the reward pool to the output directory's scale request
+        (`python -m learner.scale`); the learner is not touched. Cheap: reads one small file at most
+        once per `min_interval_s`."""
+        now = time.monotonic()
+        if now - self._scale_checked_at < min_interval_s:
+            return
+        self._scale_checked_at = now
+        if self._reward_resize is not None and ray.wait([self._reward_resize], timeout=0)[0]:
+            try:
+                ray.get(self._reward_resize)
+            except Exception as err:  # e.g. new reward actors could not start: keep running with the old ones
+                log.error("resizing the reward pool failed: %s", err)
+            self._reward_resize = None
+        if self._reward_resize is None:  # asked each time: a restarted reward server starts at its first size
+            self.reward_actors = ray.get(self.reward_server.num_actors.remote())
+        request = _read_request(self.output, self)
+        if request is not None:
+            if request.rollout_workers and request.rollout_workers != self.fleet.size:
+                log.info("scaling rollout workers %d -> %d", self.fleet.size, request.rollout_workers)
+                self.fleet.resize(request.rollout_workers, wait=False)
+            if request.reward_actors and request.reward_actors != self.reward_actors and self._reward_resize is None:
+                log.info("scaling reward actors %d -> %d", self.reward_actors, request.reward_actors)
+                self._reward_resize = self.reward_server.resize.remote(request.reward_actors)
+        self._record_sizes()
+
+    def _record_replay(self) -> None:
+        """Replay queue length and newly found corrupt records, for the dashboards."""
+        try:
+            with open_store(self.store_url) as store:
+                stats = store.stats()
+        except ReplayUnavailableError as err:
+            log.warning("replay store statistics unavailable: %s", err)
+            return
+        self.metrics.set_replay_queue_length(stats.queue_length)
+        self.metrics.count_replay_corrupt_records(max(0, stats.corrupt - self._corrupt_seen))
+        self._corrupt_seen = max(self._corrupt_seen, stats.corrupt)
+
+    def _record_sizes(self) -> None:
+        self.metrics.set_rollout_workers(self.fleet.ready_size)
+        self.metrics.set_reward_actors(self.reward_actors)
+
+    # ------------------------------------------------------------------ fault handling
+    def _call_learner(self, method: str, *args, expect_iteration: int | None | str = "current",
+                      already_done: Callable[[], object] | None = None):
+        """`learner.<method>(*args)`, made again after a learner restart that restored the state the
+        call started from, or after an outage of the replay store; bounded by `max_call_attempts`."""
+        expected = self.learner_iteration if expect_iteration == "current" else expect_iteration
+        last: Exception | None = None
+        for _ in range(self.max_call_attempts):
+            try:
+                return ray.get(getattr(self.learner, method).remote(*args))
+            except RayActorError as err:
+                last = err
+                status = self._await_learner()
+                self.learner_restarts += 1
+                if expected is not None and status["iteration"] != expected:
+                    raise LearnerRestored(status["iteration"], status["version"], method) from err
+                log.warning("the learner restarted during %s and restored iteration %d; calling again", method, status["iteration"])
+                if already_done is not None:
+                    return already_done()
+            except RayTaskError as err:
+                if not isinstance(err.cause, ReplayUnavailableError):
+                    raise
+                last = err.cause
+                self.store_waits += 1
+                log.warning("learner %s met an unreachable replay store (%s); waiting for it", method, err.cause)
+                self._await_store()
+        raise RuntimeError(f"learner call {method} failed {self.max_call_attempts} times; last error: {last}") from last
+
+    def _check_learner(self, during: str) -> None:
+        """Raise LearnerRestored if the learner restarted (and restored an older checkpoint) unseen."""
+        status = self._call_learner("status", expect_iteration=None)
+        if status["iteration"] != self.learner_iteration:
+            self.learner_restarts += 1
+            raise LearnerRestored(status["iteration"], status["version"], during)
+
+    def _await_learner(self) -> dict:
+        """Wait for Ray to restart the learner (its constructor restores the newest checkpoint)."""
+        start = time.monotonic()
+        deadline = start + self.learner_restart_timeout_s
+        status = self.learner.status.remote()
+        while True:
+            try:
+                return ray.get(status, timeout=min(30.0, max(1.0, deadline - time.monotonic())))
+            except GetTimeoutError as err:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"the learner did not come back within {self.learner_restart_timeout_s}s") from err
+                log.warning("waiting %.0fs for the learner to restart (its node or its resources may be missing)",
+                            time.monotonic() - start)
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+                status = self.learner.status.remote()
+            except ActorDiedError as err:
+                raise RuntimeError(
+                    "the learner died and Ray did not restart it (restarts spent, or its node is gone for good); "
+                    f"continue with `python -m learner.main --resume --output {self.output}`"
+                ) from err
+
+    def _await_store(self) -> None:
+        wait_for_store(self.store_url, self.store_outage_s, "the learner cannot pull or ack groups")
+
     def shutdown(self) -> None:
-        for handle in self.fleet.handles():
-            ray.kill(handle, no_restart=True)
-        ray.get(self.reward_server.shutdown.remote())
+        for member in list(self.fleet.members):
+            ray.kill(member.handle, no_restart=True)
+        try:
+            ray.get(self.reward_server.shutdown.remote(), timeout=60)
+        except Exception as err:  # shutting down anyway
+            log.warning("reward server shutdown: %s", err)
         ray.kill(self.reward_server, no_restart=True)
         ray.kill(self.learner, no_restart=True)
+
+
+def _read_request(output: Path, system: System | None = None):
+    """The scale request, or None; a broken file is logged (once per distinct problem), not fatal."""
+    try:
+        return read_scale_request(output)
+    except ScaleRequestError as err:
+        if system is None or system._scale_error != str(err):
+            log.error("ignoring the scale request: %s", err)
+            if system is not None:
+                system._scale_error = str(err)
+        return None
