@@ -69,14 +69,15 @@ def train(
             metrics_log.truncate_after(start)
             log.info("resumed at iteration %d (policy version %d)", start, system.version)
         if alg.mode != "on_policy":
-            size = system.fill_reference_buffer(sampler.reference_tasks(config.replay.buffer_groups))
-            log.info("reference buffer holds %d groups", size)
+            buffer = system.fill_reference_buffer(sampler.reference_tasks(config.replay.buffer_groups))
+            log.info("reference buffer: %s", buffer)
         baseline = None if resume else evaluate(system, config, eval_prompts, eval_seeds, output, tag="base")
 
         progress = tqdm(desc=f"{alg.objective}/{alg.mode}", initial=start, total=run.iterations)
         iteration = start
         while iteration < run.iterations:
             system.apply_scaling()  # rollout workers / reward actors asked for by `python -m learner.scale`
+            system.timings.clear()
             t0 = time.perf_counter()
             try:
                 if alg.mode == "on_policy":
@@ -148,6 +149,7 @@ def iteration_row(config: Config, iteration: int, stats: dict, summaries: list, 
     }
     for phase in ("rollout", "reward", "update", "broadcast"):
         row[f"{phase}_s"] = timings.get(f"{phase}_s", 0.0)
+    row.update({k: v for k, v in stats.items() if k.startswith("nft_")})  # the NFT learner's own statistics
     return row
 
 

@@ -22,7 +22,7 @@ class MetricsLog:
         if missing:
             raise ValueError(f"metrics row lacks {missing}")
         with self.path.open("a") as f:
-            f.write(json.dumps(row, sort_keys=False, default=_json_default) + "\n")
+            f.write(json.dumps(_nan_to_null(row), default=_json_default) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -41,10 +41,20 @@ class MetricsLog:
         self.path.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in kept))
 
 
+def _nan_to_null(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN (e.g. a clip fraction where the objective has none) is not JSON: write null instead."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+
 def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _value(row: dict[str, Any], key: str) -> float:
+    value = row.get(key)
+    return math.nan if value is None else float(value)
 
 
 def plot_reward_curves(rows: list[dict[str, Any]], out_png: Path, title: str = "") -> Path:
@@ -57,20 +67,20 @@ def plot_reward_curves(rows: list[dict[str, Any]], out_png: Path, title: str = "
     fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
     iters = [r["iteration"] for r in rows]
     heads = sorted({k[len("reward_"):] for r in rows for k in r if k.startswith("reward_") and k != "reward_mean"})
-    ax_train.plot(iters, [r["reward_mean"] for r in rows], label="combined", color="black", linewidth=2)
+    ax_train.plot(iters, [_value(r, "reward_mean") for r in rows], label="combined", color="black", linewidth=2)
     for head in heads:
-        ax_train.plot(iters, [r.get(f"reward_{head}", math.nan) for r in rows], label=head, alpha=0.8)
+        ax_train.plot(iters, [_value(r, f"reward_{head}") for r in rows], label=head, alpha=0.8)
     ax_train.set_title("rollout reward (training groups)")
     ax_train.set_xlabel("iteration")
     ax_train.legend(fontsize=8)
 
     evals = [r for r in rows if "eval_reward_mean" in r]
     if evals:
-        ax_eval.plot([r["iteration"] for r in evals], [r["eval_reward_mean"] for r in evals], "o-", color="black", label="combined")
+        ax_eval.plot([r["iteration"] for r in evals], [_value(r, "eval_reward_mean") for r in evals], "o-", color="black", label="combined")
         for head in heads:
             key = f"eval_reward_{head}"
             if any(key in r for r in evals):
-                ax_eval.plot([r["iteration"] for r in evals], [r.get(key, math.nan) for r in evals], "o-", alpha=0.8, label=head)
+                ax_eval.plot([r["iteration"] for r in evals], [_value(r, key) for r in evals], "o-", alpha=0.8, label=head)
         ax_eval.legend(fontsize=8)
     ax_eval.set_title("held-out reward")
     ax_eval.set_xlabel("iteration")

@@ -18,6 +18,7 @@ Scaling: `apply_scaling` reads the output directory's scale request (`learner.sc
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -208,14 +209,17 @@ class System:
                 return results, frames
         raise RuntimeError(f"evaluation of {len(todo)} held-out videos failed {self.fleet.max_attempts} times")
 
-    def fill_reference_buffer(self, tasks: list[RolloutTask]) -> int:
-        """Semi-on-policy: collect the reference groups (the adapter is still at version 0, which is
-        the reference policy exactly: LoRA B starts at zero) or import an exported buffer."""
+    def fill_reference_buffer(self, tasks: list[RolloutTask]) -> dict:
+        """Semi-on-policy: import an exported buffer and/or collect the reference groups still missing
+        (the adapter is at version 0 then, which is the reference policy exactly: LoRA B starts at
+        zero). Returns how many groups were imported and collected, and the buffer's size; the same
+        goes to `reference_buffer.json` in the output directory."""
         store = open_store(self.store_url)
         try:
+            imported = 0
             if self.config.replay.import_buffer is not None:
-                added = store.import_buffer(self.config.replay.import_buffer)
-                log.info("imported %d reference groups from %s", added, self.config.replay.import_buffer)
+                imported = store.import_buffer(self.config.replay.import_buffer)
+                log.info("imported %d reference groups from %s", imported, self.config.replay.import_buffer)
             missing = tasks[store.buffer_size():]  # a resumed collection continues where it stopped
             if missing:
                 if self.version != 0:
@@ -223,9 +227,11 @@ class System:
                 self.rollout(missing)
             if self.config.replay.export_buffer:
                 store.export_buffer(self.output / "reference_buffer")
-            return store.buffer_size()
+            record = {"imported": imported, "collected": len(missing), "size": store.buffer_size()}
         finally:
             store.close()
+        (self.output / "reference_buffer.json").write_text(json.dumps(record) + "\n")
+        return record
 
     def checkpoint(self, driver_state: dict) -> str:
         # A learner restarted at this very iteration restored the checkpoint this call was writing.

@@ -56,3 +56,28 @@ def test_on_policy_runs_writes_its_outputs_and_resumes(ray_local, tmp_path, untr
     resumed = _adapter(out / "checkpoints" / "iter_000003")
     assert set(resumed) == set(saved)
     assert any(not torch.equal(resumed[k], saved[k]) for k in saved), "the resumed run did not train"
+
+
+@pytest.mark.slow
+def test_semi_on_policy_collects_exports_and_reuses_a_reference_buffer(ray_local, tmp_path, untrained_pocket_weights):
+    semi = SMALL + [
+        f"policy.transformer_checkpoint={untrained_pocket_weights}",
+        "algorithm.mode=semi_on_policy",
+        "replay.buffer_groups=3",
+        "rollout.num_workers=1",
+        "run.iterations=1",
+    ]
+    first = tmp_path / "collect"
+    rows = train(load_config(None, semi), first)
+    exported = sorted(p.name for p in (first / "reference_buffer").glob("*.arrow"))
+    assert len(exported) == 3 and all("-ref000000-" in name for name in exported)
+    assert rows[0]["groups"] == 2 and rows[0]["rollout_s"] == 0.0  # buffer samples, no rollouts
+    assert json.loads((first / "reference_buffer.json").read_text()) == {"imported": 0, "collected": 3, "size": 3}
+    assert json.loads((first / "checkpoints" / "iter_000001" / "state.json").read_text())["adapter"] == "semi_on_policy"
+
+    # A second run reuses the exported buffer instead of collecting one.
+    second = tmp_path / "reuse"
+    rows = train(load_config(None, semi + [f"replay.import_buffer={first / 'reference_buffer'}"]), second)
+    assert sorted(p.name for p in (second / "reference_buffer").glob("*.arrow")) == exported
+    assert json.loads((second / "reference_buffer.json").read_text()) == {"imported": 3, "collected": 0, "size": 3}
+    assert rows[0]["groups"] == 2

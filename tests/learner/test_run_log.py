@@ -22,6 +22,15 @@ def test_rows_round_trip_and_torn_last_line_is_ignored(tmp_path):
     assert all(json.loads(line) for line in log.path.read_text().splitlines())
 
 
+def test_nan_is_written_as_null_and_still_plots(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.append(_row(0, clip_fraction=float("nan"), reward_TA=float("nan")))
+    log.append(_row(1))
+    assert '"clip_fraction": null' in log.path.read_text().splitlines()[0]
+    assert log.read()[0]["reward_TA"] is None
+    assert plot_reward_curves(log.read(), tmp_path / "r.png").stat().st_size > 5000
+
+
 def test_a_row_without_required_keys_is_refused(tmp_path):
     with pytest.raises(ValueError, match="policy_version"):
         MetricsLog(tmp_path / "m.jsonl").append({"iteration": 0, "reward_mean": 0, "loss": 0, "clip_fraction": 0})
