@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 from learner.config import Config
 
+CHECKPOINT_EVERY = 4  # iterations
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -39,7 +41,9 @@ class Budget:
             "reward.num_actors=1",
             "run.eval_every=0",
             "run.eval_prompts_limit=2",
-            f"run.checkpoint_every={max(self.iterations, 1)}",
+            # The learner acks the groups it applied when it checkpoints; rollout workers block once 64
+            # groups are unacked, so checkpoint often enough to stay well below that.
+            f"run.checkpoint_every={max(1, min(self.iterations, CHECKPOINT_EVERY))}",
         ]
 
     def describe(self, config: Config) -> str:
@@ -64,7 +68,7 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
-    "full": Budget("full", iterations=20, groups_per_iteration=4, group_size=8, anchors_per_group=4,
+    "full": Budget("full", iterations=16, groups_per_iteration=4, group_size=8, anchors_per_group=4,
                    buffer_groups=16, eval_prompts=None, seeds=3, entropy_seeds=8, num_workers=2),
     "small": Budget("small", iterations=2, groups_per_iteration=2, group_size=4, anchors_per_group=2,
                     buffer_groups=2, eval_prompts=8, seeds=1, entropy_seeds=2, num_workers=1),
