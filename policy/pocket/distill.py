@@ -1,35 +1,34 @@
-"""Objectives and the teacher sampler of the pocket generator's two-stage training.
+"""The pocket generator's teacher (an exact probability-flow ODE) and its student objective.
 
-Stage 1, teacher (flow matching with teacher forcing). Each chunk ``c`` of a clean video ``x0`` gets
-its own noise level ``sigma_c`` and is noised as ``x_c = (1 - sigma_c) x0_c + sigma_c eps_c``; the
-model sees ``[clean x0 | noisy x]`` under the teacher-forcing mask (a noisy chunk attends to the clean
-copies of earlier chunks and to itself, as it will attend to the KV cache when streaming) and
-predicts the flow ``v``; the loss is
+Teacher. The pocket domain is a simulator, so the conditional distribution of a chunk is known: for
+chunk 0 it is the prompt's scenes, for chunk ``c > 0`` it is the continuations of the scene so far
+(``domain.continue_params``: the same past, fresh velocity knots from frame ``4 c`` on). For a set of
+``K`` candidates ``{x_k}`` drawn from it, the flow of the empirical distribution is exact:
 
-    L_fm = mean_c || v_theta(x_c, sigma_c | x0_{<c}) - (eps_c - x0_c) ||^2.
+    w_k(x, sigma) = softmax_k( -|| x - (1 - sigma) x_k ||^2 / (2 sigma^2) ),
+    x0_hat = sum_k w_k x_k,      v(x, sigma) = (x - x0_hat) / sigma,
 
-Teacher sampling is the probability-flow ODE ``dx/dsigma = v`` integrated chunk by chunk with Euler
-steps on a shifted grid, each finished chunk written into the KV cache at ``t = 0``: a deterministic
-map from each chunk's initial noise (and the context) to its content.
+and integrating ``dx/dsigma = v`` from ``sigma = 1`` (the chunk's initial noise) to 0 (Euler steps)
+moves the noise onto one candidate (32 steps, float32): a deterministic map from each chunk's initial noise and its
+context to its content, the role a many-step teacher's ODE plays in CausVid / Self-Forcing's "ODE
+initialisation". The endpoint is snapped to the nearest candidate (it is within rounding of one
+unless two tie), so every teacher video is a real domain video.
 
-Stage 2, student (ODE-trajectory regression, CausVid / Self-Forcing "ODE initialisation"). For ODE
-pairs ``(eps_c, E_c)`` (initial noise -> teacher endpoint) and the sampler's timesteps
-``t_0 > ... > t_{T-1}``, each chunk gets a step ``k``; its input is the initial noise at ``k = 0``
-(``sigma_0 = 1``) and a re-noised endpoint ``(1 - sigma_k) E_c + sigma_k xi`` (fresh ``xi``, what the
-sampler feeds after a step that predicted ``E_c``) otherwise; the loss is on the x0 prediction
+Student (ODE-trajectory regression). For pairs ``(eps_c, E_c)`` (initial noise -> teacher endpoint)
+and the sampler's timesteps ``t_0 > ... > t_{T-1}``, each chunk of a training video gets a step ``k``;
+its input is the initial noise at ``k = 0`` (``sigma_0 = 1``) and a re-noised endpoint
+``(1 - sigma_k) E_c + sigma_k xi`` (fresh ``xi``: what the sampler feeds after a step that predicted
+``E_c``) otherwise; with the clean endpoints as teacher-forced context the loss is on the x0 prediction
 
     L_ode = mean_c || x_in - sigma_k v_theta(x_in, t_k | E_{<c}) - E_c ||^2.
 
-The first step learns the teacher's noise -> video map, so the student's output depends on each
-chunk's initial noise; later steps learn to keep what the input already shows, so re-noise draws
-change little.
+The first step learns the noise -> video map, so the student's output depends on each chunk's initial
+noise; later steps learn to keep what their input already shows, so re-noise draws change little.
 """
 
 from __future__ import annotations
 
 import torch
-
-from policy.transformer_causal_wan import CausalWanTransformer3DModel
 
 
 def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -46,23 +45,38 @@ def _bcast(per_frame_values: torch.Tensor) -> torch.Tensor:
     return per_frame_values[:, :, None, None, None]
 
 
-def flow_matching_loss(
-    model: CausalWanTransformer3DModel,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    chunk_sigmas: torch.Tensor,
-    text: torch.Tensor,
-    frames_per_chunk: int,
+def empirical_posterior_mean(
+    x: torch.Tensor, candidates: torch.Tensor, sigma: float, candidate_sq: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``L_fm`` for clean latents ``x0 [B, F, C, H, W]``, noise like it and ``chunk_sigmas [B, L]``."""
-    sigma = per_frame(chunk_sigmas, frames_per_chunk).to(x0.dtype)
-    x_t = (1.0 - _bcast(sigma)) * x0 + _bcast(sigma) * noise
-    flow = model.forward_dense(x_t, sigma * 1000.0, text, frames_per_chunk, clean_latents=x0)
-    return (flow - (noise - x0)).pow(2).mean()
+    """``E[x0 | x_sigma = x]`` under the uniform distribution on ``candidates``: ``x [B, D]``, ``candidates [B, K, D]``.
+
+    ``candidate_sq [B, K]`` (the candidates' squared norms) may be passed to save recomputing it.
+    """
+    if sigma >= 1.0:
+        return candidates.mean(dim=1)
+    if candidate_sq is None:
+        candidate_sq = (candidates**2).sum(-1)
+    a = 1.0 - sigma
+    # |x - a c_k|^2 up to the k-independent |x|^2, which the softmax ignores
+    sq = a * a * candidate_sq - 2 * a * torch.einsum("bd,bkd->bk", x, candidates)
+    weights = torch.softmax(-sq / (2 * sigma * sigma), dim=1)
+    return torch.einsum("bk,bkd->bd", weights, candidates)
+
+
+def empirical_flow_choice(noise: torch.Tensor, candidates: torch.Tensor, num_steps: int = 32) -> torch.Tensor:
+    """Index ``[B]`` of the candidate the probability-flow ODE carries ``noise [B, D]`` to (Euler steps)."""
+    x = noise.float()
+    cands = candidates.float()
+    candidate_sq = (cands**2).sum(-1)
+    grid = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
+    for sigma, nxt in zip(grid[:-1], grid[1:]):
+        x0_hat = empirical_posterior_mean(x, cands, sigma, candidate_sq)
+        x = x + (nxt - sigma) * (x - x0_hat) / sigma
+    return (candidate_sq - 2 * torch.einsum("bd,bkd->bk", x, cands)).argmin(dim=1)
 
 
 def ode_regression_loss(
-    model: CausalWanTransformer3DModel,
+    model,
     initial_noise: torch.Tensor,
     endpoints: torch.Tensor,
     text: torch.Tensor,
@@ -79,44 +93,3 @@ def ode_regression_loss(
     x_in = torch.where(first, initial_noise, renoised)
     flow = model.forward_dense(x_in, t, text, frames_per_chunk, clean_latents=endpoints)
     return (x_in - sigma * flow - endpoints).pow(2).mean()
-
-
-@torch.no_grad()
-def teacher_sample(
-    model: CausalWanTransformer3DModel,
-    text: torch.Tensor,
-    initial_noise: torch.Tensor,
-    frames_per_chunk: int,
-    num_steps: int = 16,
-    shift: float = 3.0,
-    guidance: float = 1.0,
-) -> torch.Tensor:
-    """Endpoints ``[B, F, C, H, W]`` of the chunk-wise probability-flow ODE from ``initial_noise``.
-
-    With ``guidance != 1`` the flow is ``v_uncond + guidance (v_cond - v_uncond)``, the unconditional
-    branch using an all-zero text (what the teacher saw under text dropout) and its own KV cache.
-    """
-    b, frames, _, h, w = initial_noise.shape
-    if frames % frames_per_chunk:
-        raise ValueError(f"{frames} latent frames are not a multiple of frames_per_chunk={frames_per_chunk}")
-    guided = guidance != 1.0
-    if guided:
-        text = torch.cat([text, torch.zeros_like(text)])
-    cache = model.new_kv_cache(text.shape[0], frames, h, w)
-    grid = shifted_sigmas(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift)
-    chunks = []
-    for start in range(0, frames, frames_per_chunk):
-        x = initial_noise[:, start : start + frames_per_chunk].to(torch.float64)
-        for i in range(num_steps):
-            inp = torch.cat([x, x]) if guided else x
-            t = torch.full((inp.shape[0], frames_per_chunk), float(grid[i]) * 1000.0)
-            flow = model.forward_chunk(inp.float(), t, cache, start, text, write_cache=False).double()
-            if guided:
-                cond, uncond = flow.chunk(2)
-                flow = uncond + guidance * (cond - uncond)
-            x = x + (grid[i + 1] - grid[i]) * flow
-        clean = x.float()
-        inp = torch.cat([clean, clean]) if guided else clean
-        model.forward_chunk(inp, torch.zeros(inp.shape[0], frames_per_chunk), cache, start, text, write_cache=True)
-        chunks.append(clean)
-    return torch.cat(chunks, dim=1)

@@ -52,9 +52,10 @@ COUNT_WORDS: dict[int, str] = {1: "a", 2: "two"}
 # Free parameters of a scene (pixels, pixels per frame).
 RADIUS_RANGE = (2.8, 4.0)  # radius of the equal-area circle
 SPEED_RANGE = (0.7, 1.1)
-KNOT_EVERY = 4  # frames between random changes of drift and speed
-DRIFT_STD = 0.25  # sideways velocity at a knot, pixels per frame
-SPEED_JITTER = 0.15  # relative change of the forward speed at a knot
+KNOT_EVERY = 4  # frames between random changes of drift and speed (one pocket chunk)
+DRIFT_STD = 0.35  # sideways velocity at a knot, pixels per frame
+SPEED_JITTER = 0.2  # relative change of the forward speed at a knot
+SPEED_JITTER_LIMIT = 0.4
 LANE_GAP = 3.0  # minimum free pixels between two objects' outlines
 
 # Circumradius of an equilateral triangle and half side of a square with the area of a unit circle.
@@ -142,54 +143,109 @@ def heldout_prompts() -> list[str]:
 
 
 @dataclass(frozen=True)
+class SceneParams:
+    """The free parameters of scenes, as arrays with any leading batch shape ``...`` and ``n`` objects.
+
+    Velocities change linearly between knots ``KNOT_EVERY`` frames apart (frames 0, 4, 8, ...): the
+    forward speed is ``speed * (1 + speed_knots)`` and the sideways velocity is ``drift_knots``
+    (pixels per frame). Frames ``< 4 c`` depend only on knots ``0..c``, so resampling knots ``> c``
+    continues a scene from frame ``4 c`` on with new randomness and an unchanged past.
+    """
+
+    radii: np.ndarray  # [..., n]
+    bands: np.ndarray  # [..., n, 2] sideways limits of each object's lane
+    lane: np.ndarray  # [..., n] sideways start position
+    start: np.ndarray  # [..., n] distance travelled from the entry edge at frame 0
+    speed: np.ndarray  # [..., n] base forward speed
+    speed_knots: np.ndarray  # [..., n, K] relative speed change at each knot
+    drift_knots: np.ndarray  # [..., n, K] sideways velocity at each knot
+
+
+@dataclass(frozen=True)
 class Scene:
     """Everything needed to render one video: per-object radius and centre track ``[n, T, 2]`` (x, y)."""
 
     spec: PromptSpec
     radii: np.ndarray  # [n]
     tracks: np.ndarray  # [n, T, 2]
+    params: SceneParams | None = None
 
 
-def _knot_profile(rng: np.random.Generator, num_frames: int, std: float) -> np.ndarray:
-    """A per-frame value that changes linearly between random knots every ``KNOT_EVERY`` frames."""
-    knots = np.arange(0, num_frames - 1 + KNOT_EVERY, KNOT_EVERY)
-    values = rng.normal(0.0, std, size=knots.shape)
-    return np.interp(np.arange(num_frames - 1), knots, values)
+def num_knots(num_frames: int = NUM_FRAMES) -> int:
+    return (num_frames - 2) // KNOT_EVERY + 2
 
 
-def sample_scene(spec: PromptSpec, rng: np.random.Generator, num_frames: int = NUM_FRAMES) -> Scene:
-    """Draw the free parameters of a video for ``spec``: sizes, lanes, start, speed, drift."""
+def _knot_weights(num_frames: int) -> np.ndarray:
+    """``[T - 1, K]`` linear-interpolation weights of the knots at each frame-to-frame step."""
+    knots = np.arange(num_knots(num_frames)) * KNOT_EVERY
+    eye = np.eye(len(knots))
+    return np.stack([np.interp(np.arange(num_frames - 1), knots, eye[k]) for k in range(len(knots))], axis=1)
+
+
+def _extent(shape: str, radii: np.ndarray) -> np.ndarray:
+    """Farthest point of a shape's outline from its centre."""
+    return radii * {"circle": 1.0, "square": SQUARE_HALF * np.sqrt(2), "triangle": TRIANGLE_R}[shape]
+
+
+def sample_params(spec: PromptSpec, rng: np.random.Generator, num_frames: int = NUM_FRAMES) -> SceneParams:
+    """Draw sizes, lanes, start, speed and the velocity knots of one scene for ``spec``."""
     n = spec.count
     dx, dy = DIRECTIONS[spec.direction]
-    forward = np.array([dx, dy])
-    side = np.array([abs(dy), abs(dx)])  # the perpendicular axis, as a positive unit vector
     radii = rng.uniform(*RADIUS_RANGE, size=n)
-    extent = radii * {"circle": 1.0, "square": SQUARE_HALF * np.sqrt(2), "triangle": TRIANGLE_R}[spec.shape]
+    extent = _extent(spec.shape, radii)
     margin = extent + 1.0
     size = float(WIDTH if dx else HEIGHT)
     other = float(HEIGHT if dx else WIDTH)
-
-    # Sideways lanes: object i sits in its own band so two objects never touch, drift included.
-    if n == 1:
-        bands = [(margin[0], other - margin[0])]
+    if n == 1:  # sideways lanes: two objects never touch, drift included
+        bands = np.array([[margin[0], other - margin[0]]])
     else:
         split = rng.uniform(other * 0.42, other * 0.58)
-        bands = [(margin[0], split - LANE_GAP / 2 - extent[0]), (split + LANE_GAP / 2 + extent[1], other - margin[1])]
-    tracks = np.zeros((n, num_frames, 2))
-    for i in range(n):
-        speed = rng.uniform(*SPEED_RANGE) * (1.0 + _knot_profile(rng, num_frames, SPEED_JITTER).clip(-0.4, 0.4))
-        along = np.concatenate([[0.0], np.cumsum(speed)])
-        lo, hi = bands[i]
-        lane = rng.uniform(lo + 1.5, hi - 1.5) if hi - lo > 3.0 else (lo + hi) / 2
-        drift = np.concatenate([[0.0], np.cumsum(_knot_profile(rng, num_frames, DRIFT_STD))])
-        sideways = np.clip(lane + drift, lo, hi)
-        travel = along[-1]
-        start_lo, start_hi = margin[i], size - margin[i] - travel
-        start = rng.uniform(start_lo, max(start_lo, start_hi))
-        pos_along = start + along if (dx + dy) > 0 else size - start - along
-        pos = pos_along[:, None] * np.abs(forward)[None, :] + sideways[:, None] * side[None, :]
-        tracks[i] = pos
-    return Scene(spec, radii, tracks)
+        bands = np.array([[margin[0], split - LANE_GAP / 2 - extent[0]], [split + LANE_GAP / 2 + extent[1], other - margin[1]]])
+    lane = np.array([rng.uniform(lo + 1.5, hi - 1.5) if hi - lo > 3.0 else (lo + hi) / 2 for lo, hi in bands])
+    speed = rng.uniform(*SPEED_RANGE, size=n)
+    longest = speed * (1.0 + SPEED_JITTER_LIMIT) * (num_frames - 1)  # stays inside whatever the knots do
+    start = np.array([rng.uniform(margin[i], max(margin[i], size - margin[i] - longest[i])) for i in range(n)])
+    k = num_knots(num_frames)
+    return SceneParams(
+        radii, bands, lane, start, speed, rng.normal(0.0, SPEED_JITTER, size=(n, k)), rng.normal(0.0, DRIFT_STD, size=(n, k))
+    )
+
+
+def continue_params(params: SceneParams, chunk: int, count: int, rng: np.random.Generator) -> SceneParams:
+    """``count`` continuations of one scene that agree on frames ``< KNOT_EVERY * chunk``: knots ``> chunk`` redrawn."""
+    def repeat(a):
+        return np.broadcast_to(a, (count, *a.shape)).copy()
+
+    speed_knots, drift_knots = repeat(params.speed_knots), repeat(params.drift_knots)
+    fresh = slice(chunk + 1, None)
+    speed_knots[..., fresh] = rng.normal(0.0, SPEED_JITTER, size=speed_knots[..., fresh].shape)
+    drift_knots[..., fresh] = rng.normal(0.0, DRIFT_STD, size=drift_knots[..., fresh].shape)
+    return SceneParams(
+        repeat(params.radii), repeat(params.bands), repeat(params.lane), repeat(params.start), repeat(params.speed),
+        speed_knots, drift_knots,
+    )
+
+
+def scene_tracks(spec: PromptSpec, params: SceneParams, num_frames: int = NUM_FRAMES) -> np.ndarray:
+    """Object centres ``[..., n, T, 2]`` (x, y) of scenes with parameters ``params``."""
+    dx, dy = DIRECTIONS[spec.direction]
+    w = _knot_weights(num_frames)  # [T-1, K]
+    speed = params.speed[..., None] * (1.0 + np.clip(params.speed_knots @ w.T, -SPEED_JITTER_LIMIT, SPEED_JITTER_LIMIT))
+    zero = np.zeros((*speed.shape[:-1], 1))
+    along = params.start[..., None] + np.concatenate([zero, np.cumsum(speed, axis=-1)], axis=-1)
+    drift = np.concatenate([zero, np.cumsum(params.drift_knots @ w.T, axis=-1)], axis=-1)
+    sideways = np.clip(params.lane[..., None] + drift, params.bands[..., 0:1], params.bands[..., 1:2])
+    size = float(WIDTH if dx else HEIGHT)
+    if dx + dy < 0:
+        along = size - along
+    x, y = (along, sideways) if dx else (sideways, along)
+    return np.stack([x, y], axis=-1)
+
+
+def sample_scene(spec: PromptSpec, rng: np.random.Generator, num_frames: int = NUM_FRAMES) -> Scene:
+    """Draw the free parameters of a video for ``spec`` and its object tracks."""
+    params = sample_params(spec, rng, num_frames)
+    return Scene(spec, params.radii, scene_tracks(spec, params, num_frames), params)
 
 
 def shape_sdf(shape: str, radius: float | np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -210,7 +266,7 @@ def shape_sdf(shape: str, radius: float | np.ndarray, x: np.ndarray, y: np.ndarr
         # Three half-planes at distance R/2 from the centre, normals pointing down, up-left, up-right.
         d = y - big_r / 2  # bottom edge: y grows downwards
         for angle in (np.pi / 6 + np.pi, -np.pi / 6):
-            nx, ny = np.cos(angle), np.sin(angle)
+            nx, ny = np.cos(angle).astype(x.dtype), np.sin(angle).astype(x.dtype)
             d = np.maximum(d, x * nx + y * ny - big_r / 2)
         return d
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
@@ -221,20 +277,22 @@ def coverage(sdf: np.ndarray) -> np.ndarray:
     return np.clip(0.5 - sdf, 0.0, 1.0)
 
 
-def render_scene(scene: Scene) -> np.ndarray:
-    """uint8 frames ``[T, H, W, 3]`` of a scene."""
-    spec = scene.spec
-    num_frames = scene.tracks.shape[1]
-    ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float64) + 0.5
-    bg = np.asarray(BACKGROUNDS[spec.background], dtype=np.float64)
-    fg = np.asarray(COLOURS[spec.colour], dtype=np.float64)
-    alpha = np.zeros((num_frames, HEIGHT, WIDTH))
-    for radius, track in zip(scene.radii, scene.tracks):
-        x = xs[None] - track[:, 0, None, None]
-        y = ys[None] - track[:, 1, None, None]
-        alpha = np.maximum(alpha, coverage(shape_sdf(spec.shape, radius, x, y)))
+def render_tracks(spec: PromptSpec, radii: np.ndarray, tracks: np.ndarray) -> np.ndarray:
+    """uint8 frames ``[..., T, H, W, 3]`` of objects with ``radii [..., n]`` along ``tracks [..., n, T, 2]``."""
+    ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32) + 0.5
+    bg = np.asarray(BACKGROUNDS[spec.background], dtype=np.float32)
+    fg = np.asarray(COLOURS[spec.colour], dtype=np.float32)
+    x = xs - tracks[..., 0, None, None].astype(np.float32)  # [..., n, T, H, W]
+    y = ys - tracks[..., 1, None, None].astype(np.float32)
+    radii = radii.astype(np.float32)[..., None, None, None]
+    alpha = coverage(shape_sdf(spec.shape, radii, x, y)).max(axis=-4)
     frames = bg + alpha[..., None] * (fg - bg)
     return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+
+
+def render_scene(scene: Scene) -> np.ndarray:
+    """uint8 frames ``[T, H, W, 3]`` of a scene."""
+    return render_tracks(scene.spec, scene.radii, scene.tracks)
 
 
 def generate_video(prompt: str | PromptSpec, seed: int, num_frames: int = NUM_FRAMES) -> np.ndarray:

@@ -3,9 +3,10 @@
     python -m policy.pocket.evaluate                       # shipped weights, 2 videos per held-out prompt
     python -m policy.pocket.evaluate --weights DIR --out results/other.md
 
-Rows: real domain videos and the generator on the 72 held-out prompts (unseen colour/shape/direction
-combinations), the generator on 72 training prompts, and two corrupted copies of the real videos that
-calibrate the out-of-domain metric. Columns: the verifier heads (mean over videos, std in brackets),
+Rows: real domain videos, the same videos encoded and decoded by the codec (what a perfect generator
+in its latent space would show), the generator on the 72 held-out prompts (unseen colour/shape/direction
+combinations) and on 72 training prompts, and two corrupted copies of the real videos that calibrate
+the out-of-domain metric. Columns: the verifier heads (mean over videos, std in brackets),
 their sum (VideoAlign's "Overall"), and FVD-p, the Frechet distance to real videos of the same prompts
 (``policy.pocket.ood_metric``; lower is better). Then every verifier term, and the noise-entropy table.
 """
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     real = list(domain.generate_batch(heldout, seeds))
     rows = {
         "real domain videos, held-out prompts": score_set(real, heldout),
+        "real, through the codec (the generator's ceiling)": score_set(list(policy.codec.decode(policy.codec.encode(np.stack(real)))), heldout),
         "pocket generator, held-out prompts": score_set(list(policy.decode(generate_videos(policy, heldout, seeds))), heldout),
         "pocket generator, training prompts": score_set(list(policy.decode(generate_videos(policy, train, seeds))), train),
         "real, blurred (sigma 0.7 px)": score_set([corruptions.blurred(v, 0.7) for v in real], heldout),

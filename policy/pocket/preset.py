@@ -1,10 +1,10 @@
 """The pocket preset: the block-causal Wan transformer at a tiny size, with the pocket codec and text encoder.
 
 ``load_pocket_policy()`` returns a ready :class:`StreamingVideoPolicy` with the shipped weights
-(``policy/pocket/weights/``: diffusers ``config.json`` + ``diffusion_pytorch_model.safetensors``, and
-``pocket.json`` with the codec, text encoder and sampler settings and the training record).
+(``policy/pocket/weights/``: diffusers ``config.json`` + ``diffusion_pytorch_model.safetensors``, the
+codec's ``codec.safetensors``, and ``pocket.json`` with the geometry and the training record).
 
-Geometry: 16 frames of 32x32 RGB at 8 fps -> latents ``[8, 96, 8, 8]`` -> 4 chunks of 2 latent frames,
+Geometry: 16 frames of 32x32 RGB at 8 fps -> latents ``[8, 16, 8, 8]`` -> 4 chunks of 2 latent frames,
 16 tokens per latent frame; 4-step sampler with the Self-Forcing timesteps ``[1000, 937.5, 833.3, 625]``.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 from policy.pipeline import StreamingVideoPolicy
 from policy.pocket import domain
-from policy.pocket.codec import PocketCodec
+from policy.pocket.codec import PocketCodec, fit_codec
 from policy.pocket.text_encoder import PocketTextEncoder
 from policy.presets import PolicyPreset, register_preset
 from policy.sampler import SamplerConfig
@@ -36,8 +36,8 @@ POCKET_TRANSFORMER: dict[str, Any] = {
     "patch_size": (1, 2, 2),
     "num_attention_heads": 4,
     "attention_head_dim": 32,
-    "in_channels": 96,
-    "out_channels": 96,
+    "in_channels": 16,
+    "out_channels": 16,
     "text_dim": TEXT_DIM,
     "freq_dim": 64,
     "ffn_dim": 512,
@@ -47,12 +47,21 @@ POCKET_TRANSFORMER: dict[str, Any] = {
     "eps": 1e-6,
     "rope_max_seq_len": 64,
 }
-LATENT_SHAPE = (96, 8, 8)
+LATENT_SHAPE = (16, 8, 8)
 LATENT_SCALE = 2.5
+CODEC_FIT_VIDEOS = 384  # real training-prompt videos (seeds 0..N-1) the codec's PCA is fit on
 
 
-def pocket_codec() -> PocketCodec:
-    return PocketCodec(time_stride=2, space_stride=4, scale=LATENT_SCALE, fps=domain.FPS)
+def fit_pocket_codec() -> PocketCodec:
+    """The codec as training fits it: PCA of real videos of the training prompts, fixed seeds."""
+    prompts = domain.train_prompts()
+    videos = domain.generate_batch([prompts[i % len(prompts)] for i in range(CODEC_FIT_VIDEOS)], range(CODEC_FIT_VIDEOS))
+    return fit_codec(videos, components=LATENT_SHAPE[0] // 2, time_stride=2, space_stride=4, scale=LATENT_SCALE)
+
+
+def pocket_codec(weights_dir: str | Path = WEIGHTS_DIR) -> PocketCodec:
+    """The codec stored with the weights (the shipped one by default)."""
+    return PocketCodec.load(weights_dir, fps=domain.FPS)
 
 
 def pocket_text_encoder() -> PocketTextEncoder:
@@ -83,10 +92,11 @@ def new_transformer(seed: int = 0) -> CausalWanTransformer3DModel:
 
 def policy_from_transformer(
     transformer: CausalWanTransformer3DModel,
+    codec: PocketCodec,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> StreamingVideoPolicy:
-    """Wrap a pocket-sized transformer into a policy with the pocket codec, text encoder and sampler."""
+    """Wrap a pocket-sized transformer into a policy with ``codec`` and the pocket text encoder and sampler."""
     if next(transformer.parameters()).dtype != dtype:
         transformer = transformer.to(dtype=dtype)
     transformer = transformer.to(device=device).eval().requires_grad_(False)
@@ -97,7 +107,7 @@ def policy_from_transformer(
         num_chunks=NUM_CHUNKS,
         latent_shape=LATENT_SHAPE,
         text_encoder=pocket_text_encoder(),
-        codec=pocket_codec(),
+        codec=codec,
         device=torch.device(device),
         dtype=dtype,
     )
@@ -135,16 +145,22 @@ def load_pocket_policy(
     state = load_file(weights, device="cpu")
     check_state_matches(transformer, state, str(weights))
     transformer.load_state_dict(state, strict=True)
-    return policy_from_transformer(transformer, device, dtype)
+    return policy_from_transformer(transformer, PocketCodec.load(weights_dir, fps=domain.FPS), device, dtype)
 
 
 def save_pocket_weights(
-    transformer: CausalWanTransformer3DModel, weights_dir: str | Path, record: dict[str, Any]
+    transformer: CausalWanTransformer3DModel,
+    weights_dir: str | Path,
+    record: dict[str, Any],
+    codec: PocketCodec | None = None,
 ) -> Path:
-    """Write ``config.json`` + safetensors (diffusers layout) and ``pocket.json`` into ``weights_dir``."""
+    """Write ``config.json`` + safetensors (diffusers layout), the codec and ``pocket.json`` into ``weights_dir``.
+
+    Without ``codec`` the codec is fit as training fits it (``fit_pocket_codec``)."""
     weights_dir = Path(weights_dir)
     weights_dir.mkdir(parents=True, exist_ok=True)
     transformer.save_pretrained(weights_dir, safe_serialization=True)
+    (codec or fit_pocket_codec()).save(weights_dir)
     full = {"latent_scale": LATENT_SCALE, "frames_per_chunk": FRAMES_PER_CHUNK, "num_chunks": NUM_CHUNKS,
             "text_encoder_id": pocket_text_encoder().encoder_id, **record}
     (weights_dir / POCKET_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")

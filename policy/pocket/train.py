@@ -1,14 +1,21 @@
-"""Train the pocket generator on CPU: flow-matching teacher -> ODE pairs -> 4-step causal student.
+"""Train the pocket generator on CPU: exact-flow teacher ODE pairs -> 4-step causal student.
 
     python -m policy.pocket.train                      # the shipped weights (see docs/pocket.md)
-    python -m policy.pocket.train --out /tmp/pocket --teacher-steps 20 --ode-pairs 16 --student-steps 20
+    python -m policy.pocket.train --out /tmp/pocket --ode-pairs 16 --student-steps 20
 
-Every random draw comes from ``--seed`` (data, initial weights, noise, batches), so the command is
-reproducible on one machine (CPU kernels may differ in the last bits across machines). The objectives
-are in ``policy.pocket.distill``; the geometry and architecture in ``policy.pocket.preset``.
+Stage 1 draws ODE pairs (initial noise -> real domain video) from the exact probability-flow teacher
+of ``policy.pocket.teacher``; stage 2 trains the block-causal student by ODE-trajectory regression at
+the sampler's four timesteps (``policy.pocket.distill.ode_regression_loss``). Every random draw comes
+from ``--seed`` (pairs, initial weights, batches), so the command is reproducible on one machine (CPU
+kernels may differ in the last bits across machines). The architecture and geometry are in
+``policy.pocket.preset``.
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads stall shared CPUs
 
 import argparse
 import copy
@@ -22,7 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from policy.pocket import domain, preset
-from policy.pocket.distill import flow_matching_loss, ode_regression_loss, shifted_sigmas, teacher_sample
+from policy.pocket.codec import PocketCodec
+from policy.pocket.distill import ode_regression_loss
+from policy.pocket.teacher import OdePairs, make_ode_pairs, pair_noise
 
 logger = logging.getLogger(__name__)
 
@@ -31,44 +40,18 @@ class PocketTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
-    batch_size: int = Field(32, gt=0)
-    pool_size: int = Field(4096, gt=0)  # rendered training videos kept in memory
-    pool_refresh: int = Field(4, ge=0)  # pool videos re-rendered with fresh seeds after each teacher step
-    teacher_steps: int = Field(2500, ge=0)
-    teacher_lr: float = Field(5e-4, gt=0)
-    teacher_shift: float = Field(3.0, gt=0)  # noise-level sampling and ODE grid
-    text_dropout: float = Field(0.1, ge=0, lt=1)
-    ema_decay: float = Field(0.998, ge=0, lt=1)
     ode_pairs: int = Field(2048, gt=0)
-    ode_steps: int = Field(16, gt=0)
-    ode_guidance: float = Field(1.0, ge=1.0)
-    ode_batch: int = Field(128, gt=0)
-    student_steps: int = Field(1500, ge=0)
-    student_lr: float = Field(2e-4, gt=0)
+    candidates_first: int = Field(64, gt=1)  # scenes chunk 0 chooses from (a bank per prompt)
+    candidates_next: int = Field(16, gt=1)  # continuations each later chunk chooses from
+    ode_steps: int = Field(32, gt=0)
+    batch_size: int = Field(16, gt=0)
+    student_steps: int = Field(2000, ge=0)
+    lr: float = Field(1e-3, gt=0)
     first_step_prob: float = Field(0.4, ge=0, le=1)  # chance a chunk trains the noise -> video step
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-
-
-class VideoPool:
-    """Rendered training videos (uint8) with their prompt indices; a few are re-rendered each step."""
-
-    def __init__(self, prompts: list[str], size: int, rng: np.random.Generator) -> None:
-        self.prompts = prompts
-        self.rng = rng
-        self.prompt_ids = rng.integers(0, len(prompts), size=size)
-        self.videos = np.stack(
-            [domain.generate_video(prompts[p], int(rng.integers(2**31))) for p in tqdm(self.prompt_ids, desc="render pool")]
-        )
-
-    def refresh(self, count: int) -> None:
-        for i in self.rng.integers(0, len(self.videos), size=count):
-            self.prompt_ids[i] = self.rng.integers(0, len(self.prompts))
-            self.videos[i] = domain.generate_video(self.prompts[self.prompt_ids[i]], int(self.rng.integers(2**31)))
-
-    def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
-        idx = self.rng.integers(0, len(self.videos), size=size)
-        return self.videos[idx], self.prompt_ids[idx]
+    ema_decay: float = Field(0.995, ge=0, lt=1)
+    checkpoint_every: int = Field(0, ge=0)  # also write the EMA weights to <out>/step_<n> every n steps (0: never)
 
 
 def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -80,12 +63,13 @@ def _lr_at(step: int, base: float, warmup: int) -> float:
 
 
 @torch.no_grad()
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    decay = min(decay, (1.0 + step) / (10.0 + step))  # short runs: the average must not stay near the init
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1.0 - decay)
 
 
-def _run_steps(model, ema, steps, lr, cfg, loss_fn, desc) -> list[float]:
+def _run_steps(model, ema, steps, lr, cfg, loss_fn, desc, on_checkpoint=None) -> list[float]:
     opt = _optimizer(model, lr)
     losses = []
     bar = tqdm(range(steps), desc=desc)
@@ -97,77 +81,37 @@ def _run_steps(model, ema, steps, lr, cfg, loss_fn, desc) -> list[float]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        _ema_update(ema, model, cfg.ema_decay)
-        losses.append(float(loss))
+        _ema_update(ema, model, cfg.ema_decay, step)
+        losses.append(float(loss.detach()))
         if step % 25 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}")
+        if on_checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            on_checkpoint(step + 1, ema, losses)
     return losses
 
 
-def train_teacher(cfg: PocketTrainConfig, gen: torch.Generator, rng: np.random.Generator):
-    """Flow-matching teacher on rendered training videos; returns (EMA teacher, per-step losses)."""
-    codec, encoder = preset.pocket_codec(), preset.pocket_text_encoder()
-    prompts = domain.train_prompts()
-    text_table = encoder.encode(prompts)
-    pool = VideoPool(prompts, cfg.pool_size, rng)
-    model = preset.new_transformer(seed=cfg.seed).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    fpc, chunks = preset.FRAMES_PER_CHUNK, preset.NUM_CHUNKS
-
-    def loss_fn(step: int) -> torch.Tensor:
-        videos, ids = pool.batch(cfg.batch_size)
-        pool.refresh(cfg.pool_refresh)
-        x0 = codec.encode(videos)
-        text = text_table[ids].clone()
-        text[torch.rand(len(ids), generator=gen) < cfg.text_dropout] = 0.0
-        sigmas = shifted_sigmas(torch.rand(len(ids), chunks, generator=gen), cfg.teacher_shift)
-        noise = torch.randn(x0.shape, generator=gen)
-        return flow_matching_loss(model, x0, noise, sigmas, text, fpc)
-
-    losses = _run_steps(model, ema, cfg.teacher_steps, cfg.teacher_lr, cfg, loss_fn, "teacher")
-    return ema, losses
-
-
-@torch.no_grad()
-def make_ode_pairs(teacher, cfg: PocketTrainConfig, gen: torch.Generator, rng: np.random.Generator):
-    """(prompt ids, initial noise, teacher endpoints) for ``cfg.ode_pairs`` videos of training prompts."""
-    encoder = preset.pocket_text_encoder()
-    prompts = domain.train_prompts()
-    text_table = encoder.encode(prompts)
-    ids = torch.from_numpy(rng.integers(0, len(prompts), size=cfg.ode_pairs))
-    frames = preset.FRAMES_PER_CHUNK * preset.NUM_CHUNKS
-    noise = torch.randn((cfg.ode_pairs, frames, *preset.LATENT_SHAPE), generator=gen)
-    endpoints = torch.empty_like(noise)
-    for lo in tqdm(range(0, cfg.ode_pairs, cfg.ode_batch), desc="teacher ODE pairs"):
-        hi = min(lo + cfg.ode_batch, cfg.ode_pairs)
-        endpoints[lo:hi] = teacher_sample(
-            teacher, text_table[ids[lo:hi]], noise[lo:hi], preset.FRAMES_PER_CHUNK,
-            cfg.ode_steps, cfg.teacher_shift, cfg.ode_guidance,
-        )
-    return ids, noise, endpoints
-
-
-def train_student(teacher, pairs, cfg: PocketTrainConfig, gen: torch.Generator):
-    """4-step student initialised from the teacher, by ODE-trajectory regression; returns (EMA student, losses)."""
-    ids, noise, endpoints = pairs
+def train_student(pairs: OdePairs, codec: PocketCodec, cfg: PocketTrainConfig, gen: torch.Generator, on_checkpoint=None):
+    """4-step block-causal student by ODE-trajectory regression; returns (EMA student, per-step losses)."""
     text_table = preset.pocket_text_encoder().encode(domain.train_prompts())
     timesteps = preset.POCKET_PRESET.sampler.timesteps()
-    model = copy.deepcopy(teacher).train().requires_grad_(True)
-    ema = copy.deepcopy(teacher).eval().requires_grad_(False)
+    model = preset.new_transformer(seed=cfg.seed).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
     fpc, chunks, steps = preset.FRAMES_PER_CHUNK, preset.NUM_CHUNKS, len(timesteps)
     later = (1.0 - cfg.first_step_prob) / max(steps - 1, 1)
     step_probs = torch.tensor([cfg.first_step_prob] + [later] * (steps - 1))
 
     def loss_fn(step: int) -> torch.Tensor:
-        idx = torch.randint(0, len(ids), (cfg.batch_size,), generator=gen)
+        idx = torch.randint(0, len(pairs.prompt_ids), (cfg.batch_size,), generator=gen).numpy()
+        endpoints = codec.encode(pairs.videos[idx])
+        noise = pair_noise(pairs.noise_seeds[idx], endpoints.shape[1], preset.LATENT_SHAPE)
         chunk_steps = torch.multinomial(step_probs, cfg.batch_size * chunks, replacement=True, generator=gen)
-        fresh = torch.randn(endpoints[idx].shape, generator=gen)
+        fresh = torch.randn(endpoints.shape, generator=gen)
+        text = text_table[torch.from_numpy(pairs.prompt_ids[idx])]
         return ode_regression_loss(
-            model, noise[idx], endpoints[idx], text_table[ids[idx]], fpc, timesteps,
-            chunk_steps.view(cfg.batch_size, chunks), fresh,
+            model, noise, endpoints, text, fpc, timesteps, chunk_steps.view(cfg.batch_size, chunks), fresh
         )
 
-    losses = _run_steps(model, ema, cfg.student_steps, cfg.student_lr, cfg, loss_fn, "student")
+    losses = _run_steps(model, ema, cfg.student_steps, cfg.lr, cfg, loss_fn, "student", on_checkpoint)
     return ema, losses
 
 
@@ -175,34 +119,38 @@ def train(cfg: PocketTrainConfig, out: str | Path) -> dict:
     """The whole pipeline; writes the student's weights and ``pocket.json`` into ``out``; returns the record."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     times = {}
-    start = time.perf_counter()
-    teacher, teacher_losses = train_teacher(cfg, gen, rng)
-    times["teacher_s"] = time.perf_counter() - start
+    start, cpu_start = time.perf_counter(), time.process_time()
+    codec = preset.fit_pocket_codec()
+    pairs = make_ode_pairs(
+        domain.train_prompts(), cfg.ode_pairs, cfg.seed, codec, preset.FRAMES_PER_CHUNK,
+        preset.FRAMES_PER_CHUNK * preset.NUM_CHUNKS, preset.LATENT_SHAPE,
+        (cfg.candidates_first, cfg.candidates_next), cfg.ode_steps,
+    )
+    times["ode_pairs_s"] = time.perf_counter() - start
     mark = time.perf_counter()
-    pairs = make_ode_pairs(teacher, cfg, gen, rng)
-    times["ode_pairs_s"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    student, student_losses = train_student(teacher, pairs, cfg, gen)
+    def checkpoint(step: int, ema, losses: list[float]) -> None:
+        record = {"training": {"config": cfg.model_dump(), "step": step, "student_loss_final": float(np.mean(losses[-50:]))}}
+        preset.save_pocket_weights(ema, Path(out) / f"step_{step:05d}", record, codec)
+
+    student, losses = train_student(pairs, codec, cfg, gen, checkpoint)
     times["student_s"] = time.perf_counter() - mark
     times["total_s"] = time.perf_counter() - start
+    times["process_cpu_s"] = time.process_time() - cpu_start
 
-    def tail(losses: list[float]) -> float | None:
-        return float(np.mean(losses[-50:])) if losses else None
+    def tail(values: list[float]) -> float | None:
+        return float(np.mean(values[-50:])) if values else None
 
     record = {
         "training": {
             "config": cfg.model_dump(),
             "torch_threads": torch.get_num_threads(),
             "wall_time": {k: round(v, 1) for k, v in times.items()},
-            "teacher_loss_first": tail(teacher_losses[:50]),
-            "teacher_loss_final": tail(teacher_losses),
-            "student_loss_first": tail(student_losses[:50]),
-            "student_loss_final": tail(student_losses),
+            "student_loss_first": tail(losses[:50]),
+            "student_loss_final": tail(losses),
         }
     }
-    preset.save_pocket_weights(student, out, record)
+    preset.save_pocket_weights(student, out, record, codec)
     logger.info("pocket generator written to %s in %.1f s", out, times["total_s"])
     return record
 

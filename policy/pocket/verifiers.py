@@ -22,8 +22,8 @@ VQ (visual quality): mean of three terms
     clean      exp(-background noise / 0.02): mean colour distance of background pixels to the background
     sharp      object edges are one-pixel ramps: strongest foreground gradients against blur
     palette    exp(-residual / 0.08): how far foreground pixels are from background-to-palette mixtures
-MQ (motion quality): mean of three terms
-    smooth     exp(-max(0, mean |centroid acceleration| - 0.15) / 0.3), foreground centroid per frame
+MQ (motion quality): mean of three terms, on foreground strength with faint values (< 0.15) ignored
+    smooth     exp(-max(0, mean |centroid acceleration| - 0.25) / 0.3), foreground centroid per frame
     steady     no flicker: exp(-relative frame-to-frame change of foreground mass / 0.1) times
                exp(-frame-to-frame background colour change / 0.02)
     persist    fraction of frames whose blob count equals the video's most common count (> 0)
@@ -44,6 +44,7 @@ HEADS = ("VQ", "MQ", "TA")
 PALETTE = np.asarray(list(domain.COLOURS.values()), dtype=np.float64) / 255.0
 MIN_AREA = np.pi * domain.RADIUS_RANGE[0] ** 2 * 0.85  # smallest object's area, with margin for edges
 BLOB_MIN_AREA = 0.3 * MIN_AREA
+FAINT = 0.15  # foreground strength below this is an artefact for MQ (VQ judges it), not an object
 MEMBERSHIP_WIDTH = 0.2  # distance from a palette line (relative to its length) that halves membership ~
 
 
@@ -218,7 +219,7 @@ def visual_quality_terms(a: FrameAnalysis) -> dict[str, float]:
 
 
 def motion_quality_terms(a: FrameAnalysis) -> dict[str, float]:
-    s = a.strength
+    s = np.clip((a.strength - FAINT) / (1.0 - 2 * FAINT), 0.0, 1.0)  # motion of objects, not of faint artefacts
     mass = s.sum(axis=(1, 2))
     h, w = s.shape[1:]
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
@@ -230,7 +231,7 @@ def motion_quality_terms(a: FrameAnalysis) -> dict[str, float]:
     accel = centroid[2:] - 2 * centroid[1:-1] + centroid[:-2]
     both = present[2:] & present[1:-1] & present[:-2]
     jerk = float(np.linalg.norm(accel[both], axis=1).mean()) if both.any() else 10.0
-    smooth = float(np.exp(-max(0.0, jerk - 0.15) / 0.3))
+    smooth = float(np.exp(-max(0.0, jerk - 0.25) / 0.3))
 
     typical = float(np.median(mass[present]))
     mass_change = float(np.abs(np.diff(mass)).mean() / typical)

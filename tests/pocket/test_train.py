@@ -7,8 +7,9 @@ import json
 import numpy as np
 import torch
 
-from policy.pocket import preset, train
-from policy.pocket.distill import flow_matching_loss, ode_regression_loss, shifted_sigmas, teacher_sample
+from policy.pocket import domain, preset, train, verifiers
+from policy.pocket.distill import empirical_flow_choice, empirical_posterior_mean, ode_regression_loss, shifted_sigmas
+from policy.pocket.teacher import make_ode_pairs, pair_noise
 from policy.transformer_causal_wan import CausalWanTransformer3DModel
 
 TINY = {**preset.POCKET_TRANSFORMER, "num_layers": 1, "num_attention_heads": 2, "ffn_dim": 64}
@@ -22,24 +23,6 @@ def _tiny_model(seed: int = 0) -> CausalWanTransformer3DModel:
 def test_shifted_sigmas_match_the_sampler_warp():
     u = torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64)
     assert torch.allclose(shifted_sigmas(u, 5.0) * 1000, preset.POCKET_PRESET.sampler.timesteps().double(), atol=1e-3)
-
-
-def test_flow_matching_loss_decreases_when_fitting_a_batch():
-    model = _tiny_model()
-    gen = torch.Generator().manual_seed(0)
-    x0 = torch.randn(2, 8, 96, 8, 8, generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
-    sigmas = torch.rand(2, 4, generator=gen)
-    text = torch.randn(2, 12, 32, generator=gen)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(8):
-        loss = flow_matching_loss(model, x0, noise, sigmas, text, 2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.85 * losses[0], losses
 
 
 class _ZeroFlow(torch.nn.Module):
@@ -69,39 +52,68 @@ def test_ode_regression_feeds_initial_noise_at_step_one_and_renoised_endpoints_l
     assert torch.allclose(loss, (expected_in - endpoints).pow(2).mean(), atol=1e-6)
 
 
-class _PointMassFlow(torch.nn.Module):
-    """The exact flow of a point mass at ``target``: v = (x - target) / sigma, chunk by chunk."""
+def test_student_loss_decreases_when_fitting_a_batch():
+    model = _tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    noise, endpoints, fresh = (torch.randn(2, 8, 16, 8, 8, generator=gen) for _ in range(3))
+    text = torch.randn(2, 12, 32, generator=gen)
+    steps = torch.tensor([[0, 1, 2, 3], [2, 0, 3, 1]])
+    timesteps = preset.POCKET_PRESET.sampler.timesteps()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = ode_regression_loss(model, noise, endpoints, text, 2, timesteps, steps, fresh)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.85 * losses[0], losses
 
-    def __init__(self, target):
-        super().__init__()
-        self.target = target
-        self.calls = 0
 
-    def new_kv_cache(self, batch, frames, h, w):
-        return None
+def test_empirical_posterior_mean_matches_a_direct_computation():
+    gen = torch.Generator().manual_seed(2)
+    x, cands = torch.randn(3, 20, generator=gen, dtype=torch.float64), torch.randn(3, 5, 20, generator=gen, dtype=torch.float64)
+    for sigma in (1.0, 0.9, 0.5, 0.05):
+        expected = torch.empty(3, 20, dtype=torch.float64)
+        for b in range(3):
+            if sigma == 1.0:
+                expected[b] = cands[b].mean(0)
+                continue
+            log_lik = torch.stack([-((x[b] - (1 - sigma) * c) ** 2).sum() / (2 * sigma**2) for c in cands[b]])
+            expected[b] = (torch.exp(log_lik - log_lik.logsumexp(0))[:, None] * cands[b]).sum(0)
+        assert torch.allclose(empirical_posterior_mean(x, cands, sigma), expected, atol=1e-9)
 
-    def forward_chunk(self, x, t, cache, start, text, write_cache=True):
-        self.calls += 1
-        if not write_cache:
-            sigma = t[:, :1, None, None, None].double() / 1000
-            return (x.double() - self.target[:, start : start + x.shape[1]]) / sigma
+
+def test_empirical_flow_carries_a_candidate_shaped_noise_to_that_candidate():
+    gen = torch.Generator().manual_seed(3)
+    cands = torch.randn(4, 6, 500, generator=gen)
+    pick = torch.tensor([0, 5, 2, 3])
+    assert torch.equal(empirical_flow_choice(cands[torch.arange(4), pick], cands), pick)
+    noise = torch.randn(64, 500, generator=gen)
+    choices = empirical_flow_choice(noise, cands[:1].expand(64, -1, -1))
+    assert len(set(choices.tolist())) >= 4  # different noises reach different candidates
 
 
-def test_teacher_ode_lands_on_the_point_mass_from_any_noise():
-    target = torch.randn(3, 8, 4, 2, 2, dtype=torch.float64)
-    model = _PointMassFlow(target)
-    out = teacher_sample(model, torch.zeros(3, 4, 8), torch.randn(3, 8, 4, 2, 2), 2, num_steps=5, shift=3.0)
-    assert torch.allclose(out.double(), target, atol=1e-5)
-    assert model.calls == 4 * (5 + 1)  # 5 Euler steps and one cache write per chunk
+def test_teacher_pairs_are_real_videos_of_their_prompts_and_reproducible():
+    prompts = domain.train_prompts()[:3]
+    codec = preset.fit_pocket_codec()
+    make = lambda: make_ode_pairs(prompts, 6, 1, codec, 2, 8, preset.LATENT_SHAPE, (8, 4), 8)  # noqa: E731
+    a, b = make(), make()
+    assert np.array_equal(a.videos, b.videos) and np.array_equal(a.noise_seeds, b.noise_seeds)
+    for video, pid in zip(a.videos, a.prompt_ids):
+        scores = verifiers.score_video(video, prompts[pid])
+        assert min(scores.values()) > 0.9, scores
+    noise = pair_noise(a.noise_seeds[:2], 8, preset.LATENT_SHAPE)
+    assert noise.shape == (2, 8, *preset.LATENT_SHAPE) and torch.equal(noise, pair_noise(a.noise_seeds[:2], 8, preset.LATENT_SHAPE))
 
 
 def test_training_command_runs_a_few_steps_and_writes_loadable_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(preset, "POCKET_TRANSFORMER", TINY)
-    cfg = train.PocketTrainConfig(batch_size=2, pool_size=4, pool_refresh=1, teacher_steps=3, ode_pairs=2, ode_steps=2,
-                                  ode_batch=2, student_steps=3, warmup_steps=1)
+    cfg = train.PocketTrainConfig(batch_size=2, ode_pairs=4, candidates_first=4, candidates_next=2, ode_steps=4,
+                                  student_steps=3, warmup_steps=1)
     record = train.train(cfg, tmp_path)
     written = json.loads((tmp_path / "pocket.json").read_text())
-    assert written["training"]["config"]["teacher_steps"] == 3 and written["latent_scale"] == preset.LATENT_SCALE
-    assert np.isfinite(record["training"]["teacher_loss_final"]) and np.isfinite(record["training"]["student_loss_final"])
+    assert written["training"]["config"]["student_steps"] == 3 and written["latent_scale"] == preset.LATENT_SCALE
+    assert np.isfinite(record["training"]["student_loss_final"])
     policy = preset.load_pocket_policy(tmp_path)
-    assert policy.num_chunks == 4 and policy.frames_per_chunk == 2 and policy.latent_shape == (96, 8, 8)
+    assert policy.num_chunks == 4 and policy.frames_per_chunk == 2 and policy.latent_shape == (16, 8, 8)
