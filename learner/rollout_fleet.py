@@ -98,6 +98,7 @@ class RolloutFleet:
         self.replaced = 0  # workers replaced after their restarts were spent (or holding a newer adapter)
         self.store_waits = 0  # tasks that met an unreachable replay store
         self.init_failures = 0  # worker constructors failed in a row
+        self._latest_adapter: tuple[int, ray.ObjectRef] | None = None
         self.max_init_failures = 5
         self.resize(num_workers, wait=wait)
 
@@ -173,13 +174,11 @@ class RolloutFleet:
     def broadcast(self, version: int, adapter_ref: ray.ObjectRef) -> None:
         """Every worker loads adapter `version` (passed by reference: fetched once per node).
 
-        Starting workers get it after their constructor; a worker that dies meanwhile pulls the
-        current adapter when Ray restarts it. A worker that keeps a newer version (the learner was
+        Starting workers get it once ready (if their constructor pulled an older one); a worker that
+        dies meanwhile pulls the current adapter when Ray restarts it. A worker that keeps a newer version (the learner was
         restored from an older checkpoint) is replaced, so it starts from the learner's adapter."""
+        self._latest_adapter = (version, adapter_ref)  # what starting workers get once ready
         ready = [m for m in self.members if m.ready and not m.draining]
-        for member in self.members:
-            if not member.ready and not member.draining:
-                member.handle.set_adapter.remote(version, adapter_ref)  # queued behind its constructor
         futures = [m.handle.set_adapter.remote(version, adapter_ref) for m in ready]
         for member, future in zip(ready, futures):
             try:
@@ -274,6 +273,7 @@ class RolloutFleet:
         try:
             member.info = ray.get(ref)
             member.probe = None
+            self._catch_up(member)
         except ActorUnavailableError:
             time.sleep(_PROBE_RETRY_S)
             member.probe = member.handle.info.remote()
@@ -297,6 +297,17 @@ class RolloutFleet:
             return orphans
         self.init_failures = 0
         return []
+
+    def _catch_up(self, member: _Member) -> None:
+        """Give a worker that just became ready the last broadcast adapter, if it holds an older one."""
+        if self._latest_adapter is None or member.info.get("adapter") is None:
+            return
+        version, ref = self._latest_adapter
+        if member.info.get("version", version) < version:
+            try:
+                member.info["version"] = ray.get(member.handle.set_adapter.remote(version, ref))
+            except RayActorError:
+                member.probe = member.handle.info.remote()  # died again: it pulls the adapter when restarted
 
     def _await_store(self) -> None:
         wait_for_store(self.store_url, self.store_outage_s, "finished groups cannot be stored")

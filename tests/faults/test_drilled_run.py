@@ -1,4 +1,4 @@
-"""One on-policy run on a local two-node Ray cluster, with every fault of the issue staged in it.
+"""One on-policy run on a local multi-node Ray cluster, with every fault of the issue staged in it.
 
 The real driver (`learner.main.train`), System, rollout fleet, reward server and pool, learner actor
 (pocket model, untrained weights) and Redis replay store; the rollout workers are simulated
@@ -9,8 +9,9 @@ once each, armed before the iteration that meets them:
     it  drill                                                     what must hold
     0   a rollout worker dies before pushing group 0              the group is produced again, same id
     1   a worker dies right after pushing group 1 (pushed twice);  applied once; the batch is retried;
-        a reward actor dies mid-batch; the fleet is scaled to      the learner keeps training
-        3 workers and the pool to 2 reward actors
+        a reward actor dies mid-batch; the fleet is scaled to      the learner keeps training; the
+        3 workers and the pool to 2 reward actors; no node has     third worker waits, then starts on
+        room for the third worker until one joins after it         the node that joined
     2   the learner dies in its update                            restored checkpoint, update made again
     3   the learner dies after checkpoint 4, before its acks      the checkpoint stands; acked later
     4   Redis stops before a worker pushes                        the fleet waits, the task runs again
@@ -128,6 +129,7 @@ class DrilledRun:
     expected_ids: list[str]
     metrics_ports: list[int]
     head_node_id: str
+    joined_node_id: str = ""
     after: dict[int, dict] = field(default_factory=dict)  # what the callback saw after each iteration
     restarts_of_redis: int = 0
     stats: dict = field(default_factory=dict)
@@ -165,7 +167,8 @@ def drilled_run(tmp_path_factory):
             head_node_args={"num_cpus": 1, "resources": {"learner_slot": 1}, "include_dashboard": False,
                             "gcs_server_port": _free_port(), "metrics_export_port": metrics_ports[0]},
         )
-        cluster.add_node(num_cpus=4, resources={"rollout_slot": 4}, metrics_export_port=metrics_ports[1])
+        # Room for two rollout workers (one rollout_slot each) and two reward actors; a third node joins mid-run.
+        cluster.add_node(num_cpus=3, resources={"rollout_slot": 2}, metrics_export_port=metrics_ports[1])
         ray.init(address=cluster.address, log_to_driver=False)
         try:
             yield _run(base, redis_server, metrics_ports, cluster)
@@ -184,7 +187,7 @@ def _run(base: Path, redis_server: ThrowawayRedis, metrics_ports: list[int], clu
         f"algorithm.groups_per_iteration={GROUPS}", "algorithm.group_size=4", "algorithm.anchors_per_group=2",
         "algorithm.updates_per_iteration=1", "lora.rank=2", "lora.alpha=4",
         f"policy.transformer_checkpoint={weights}",
-        "rollout.num_workers=2", "rollout.num_cpus_per_worker=0.5", "rollout.resources={rollout_slot: 0.5}",
+        "rollout.num_workers=2", "rollout.num_cpus_per_worker=0.5", "rollout.resources={rollout_slot: 1}",
         "run.learner_resources={learner_slot: 1}",
         f"reward.model={CRASH_REWARD}", f"reward.options={{cost_s: 0.2, drill_dir: '{drill_dir}'}}",
         "reward.num_actors=1", "reward.batch_size=4", "reward.timeout_s=60",
@@ -215,6 +218,9 @@ def _run(base: Path, redis_server: ThrowawayRedis, metrics_ports: list[int], clu
             arm(drill_dir, point, key)
         if i == 0:
             request_scale(output, rollout_workers=3, reward_actors=2)
+        if i == 1:  # the third worker has been waiting for a rollout_slot through iteration 1
+            run.joined_node_id = cluster.add_node(num_cpus=1, resources={"rollout_slot": 1},
+                                                  metrics_export_port=_free_port()).node_id
 
     for point, key in staged[-1]:
         arm(drill_dir, point, key)
@@ -306,14 +312,18 @@ def test_scaled_mid_run_without_touching_the_learner(drilled_run):
     run = drilled_run
     later = run.after[1]
     assert later["fleet_size"] == 3 and later["reward_actors"] == 2
+    assert "rollout-2" not in {w["name"] for w in later["workers"]}  # no node had room for it yet
     assert later["learner_restarts"] == 0 and later["version"] == 2  # the learner kept training
+    # The node that joined after iteration 1 got the waiting worker (the third one, or one that Ray
+    # restarted while the third took its slot) and the three took tasks.
+    assert len(run.after[3]["workers"]) == 3
+    assert run.joined_node_id in {w["node_id"] for i in (2, 3, 4) for w in run.after[i]["workers"]}
+    assert run.after[4]["produced"].get((("worker", "rollout-2"),), 0) > 0
     final = run.after[ITERATIONS - 1]
     names = {w["name"] for w in final["workers"]}
     assert len(names) == 3
-    # The added worker took tasks and holds the learner's current adapter like the others.
-    assert final["produced"].get((("worker", "rollout-2"),), 0) > 0
-    assert {w["version"] for w in final["workers"]} == {ITERATIONS}
-    # Workers ran on the second node (rollout_slot), the learner on the head (learner_slot).
+    assert {w["version"] for w in final["workers"]} == {ITERATIONS}  # all hold the learner's adapter
+    # Workers run on rollout nodes (rollout_slot), the learner on the head (learner_slot).
     assert all(w["node_id"] != run.head_node_id for w in final["workers"])
 
 
