@@ -10,6 +10,7 @@ Geometry: 16 frames of 32x32 RGB at 8 fps -> latents ``[8, 16, 8, 8]`` -> 4 chun
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 
 from policy.pipeline import StreamingVideoPolicy
 from policy.pocket import domain
-from policy.pocket.codec import PocketCodec, fit_codec
+from policy.pocket.codec import CODEC_FILE, PocketCodec, fit_codec
 from policy.pocket.text_encoder import PocketTextEncoder
 from policy.presets import PolicyPreset, register_preset
 from policy.sampler import SamplerConfig
@@ -52,8 +53,9 @@ LATENT_SCALE = 2.5
 CODEC_FIT_VIDEOS = 384  # real training-prompt videos (seeds 0..N-1) the codec's PCA is fit on
 
 
+@functools.lru_cache(maxsize=1)
 def fit_pocket_codec() -> PocketCodec:
-    """The codec as training fits it: PCA of real videos of the training prompts, fixed seeds."""
+    """The codec as training fits it: PCA of real videos of the training prompts, fixed seeds (cached)."""
     prompts = domain.train_prompts()
     videos = domain.generate_batch([prompts[i % len(prompts)] for i in range(CODEC_FIT_VIDEOS)], range(CODEC_FIT_VIDEOS))
     return fit_codec(videos, components=LATENT_SHAPE[0] // 2, time_stride=2, space_stride=4, scale=LATENT_SCALE)
@@ -92,11 +94,14 @@ def new_transformer(seed: int = 0) -> CausalWanTransformer3DModel:
 
 def policy_from_transformer(
     transformer: CausalWanTransformer3DModel,
-    codec: PocketCodec,
+    codec: PocketCodec | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> StreamingVideoPolicy:
-    """Wrap a pocket-sized transformer into a policy with ``codec`` and the pocket text encoder and sampler."""
+    """Wrap a pocket-sized transformer into a policy with the pocket text encoder and sampler and ``codec``
+    (default: the shipped codec, or the codec as training fits it when none is shipped)."""
+    if codec is None:
+        codec = pocket_codec() if (WEIGHTS_DIR / CODEC_FILE).is_file() else fit_pocket_codec()
     if next(transformer.parameters()).dtype != dtype:
         transformer = transformer.to(dtype=dtype)
     transformer = transformer.to(device=device).eval().requires_grad_(False)
