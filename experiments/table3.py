@@ -20,6 +20,8 @@ from experiments.tables import Scores, aggregate, scores_table
 from experiments.training import RunResult, run_config, runs_note, train_run
 from learner.merge import PAPER_SCALES, select_scale
 
+SCALES = PAPER_SCALES  # 0, 0.4, 0.5, 0.6, 0.8, 1.0
+
 
 def semi_config(budget: Budget, seed: int, extra: list[str]):
     return run_config(None, [*budget.overrides(), "algorithm.objective=copo", "algorithm.mode=semi_on_policy",
@@ -31,7 +33,7 @@ def run(budget: Budget, seeds: list[int], out: Path, work: Path, extra: list[str
     on = [train_run("copo", method_config("copo", budget, s, extra), work, fresh) for s in seeds]
     held = HeldOut(semi_config(budget, seeds[0], extra), budget.eval_prompts)
     base = held.base()
-    sweeps = [{s: held.merged({sr.adapter_dir: 1.0, orun.adapter_dir: s}) for s in PAPER_SCALES} for sr, orun in zip(semi, on)]
+    sweeps = [{s: held.merged({sr.adapter_dir: 1.0, orun.adapter_dir: s}) for s in SCALES} for sr, orun in zip(semi, on)]
     return build_section(semi + on, base, sweeps, budget.describe(semi_config(budget, seeds[0], extra)), out)
 
 
