@@ -54,6 +54,10 @@ def train(
     `system_options` go to `System.start` (e.g. `worker_cls=SimulatedRolloutWorker` and its
     `worker_kwargs`, as the fault tests use)."""
     output = Path(output)
+    if not resume and (output / "checkpoints" / "latest").exists():
+        raise FileExistsError(
+            f"{output} holds the checkpoints of an earlier run: pass --resume to continue it, or choose a new --output"
+        )
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(dump_config(config))
     metrics_log = MetricsLog(output / "metrics.jsonl")
@@ -188,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    rows = train(config, Path(args.output), resume=args.resume)
+    try:
+        rows = train(config, Path(args.output), resume=args.resume)
+    except FileExistsError as err:
+        print(err, file=sys.stderr)
+        return 2
     if rows:
         last = rows[-1]
         print(f"done: {len(rows)} iterations, last reward {last['reward_mean']:.4f}, "

@@ -171,15 +171,16 @@ class RolloutFleet:
         return ray.get([h.info.remote() for h in self.handles()])
 
     # ------------------------------------------------------------------ broadcast
-    def broadcast(self, version: int, adapter_ref: ray.ObjectRef) -> None:
+    def broadcast(self, version: int, adapter_ref: ray.ObjectRef, force: bool = False) -> None:
         """Every worker loads adapter `version` (passed by reference: fetched once per node).
 
         Starting workers get it once ready (if their constructor pulled an older one); a worker that
-        dies meanwhile pulls the current adapter when Ray restarts it. A worker that keeps a newer version (the learner was
-        restored from an older checkpoint) is replaced, so it starts from the learner's adapter."""
+        dies meanwhile pulls the current adapter when Ray restarts it. After the learner was restored
+        from an older checkpoint, `force` makes the workers take its (older) adapter; a worker that
+        still keeps another version is replaced, so it starts from the learner's adapter."""
         self._latest_adapter = (version, adapter_ref)  # what starting workers get once ready
         ready = [m for m in self.members if m.ready and not m.draining]
-        futures = [m.handle.set_adapter.remote(version, adapter_ref) for m in ready]
+        futures = [m.handle.set_adapter.remote(version, adapter_ref, force) for m in ready]
         for member, future in zip(ready, futures):
             try:
                 held = ray.get(future)

@@ -174,11 +174,11 @@ class System:
         self._record_replay()
         return stats
 
-    def broadcast(self) -> None:
+    def broadcast(self, force: bool = False) -> None:
         t0 = time.perf_counter()
         version, nbytes = self._call_learner("publish")
         _, ref = self._call_learner("current_adapter")
-        self.fleet.broadcast(version, ref)
+        self.fleet.broadcast(version, ref, force)
         self.timings["broadcast_s"] = time.perf_counter() - t0
         self.metrics.observe_phase("broadcast", self.timings["broadcast_s"])
         self.metrics.count_broadcast_bytes(nbytes * self.fleet.size)
@@ -250,7 +250,7 @@ class System:
         returns the iteration to continue from."""
         self.learner_iteration, self.version = restored.iteration, restored.version
         self.metrics.set_policy_version(self.version)
-        self.broadcast()  # workers holding a newer (lost) adapter are replaced
+        self.broadcast(force=True)  # workers holding a newer (lost) adapter go back to the restored one
         return restored.iteration
 
     def replay_stats(self) -> dict:

@@ -23,7 +23,6 @@ import time
 import numpy as np
 import ray
 import torch
-from ray.exceptions import ActorUnavailableError, OwnerDiedError
 
 from learner.config import Config
 from replay import open_store
@@ -34,6 +33,7 @@ from reward_service.multi_reward import results_to_arrays
 from reward_service.registry import register_reward
 from reward_service.result import RewardResult
 from reward_service.server import remote_score
+from rollout_workers.adapter_source import pull_current_adapter
 from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask
 
 STAND_IN_HEADS = ("VQ", "MQ", "TA")
@@ -69,20 +69,6 @@ class FixedCostReward(RewardModel):
 @register_reward("fixed_cost")
 def build_fixed_cost(cost_s: float = 0.0, heads: list[str] | tuple[str, ...] = STAND_IN_HEADS) -> RewardModel:
     return FixedCostReward(cost_s, tuple(heads))
-
-
-def pull_current_adapter(source: "ray.actor.ActorHandle", wait_s: float = 300.0) -> tuple[int, dict]:
-    """(version, adapter tensors) from the learner, waiting while it restarts (its old object
-    references die with its old process, so both the call and the fetch are made again)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            version, state_ref = ray.get(source.current_adapter.remote())
-            return version, ray.get(state_ref)
-        except (ActorUnavailableError, OwnerDiedError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def preset_geometry(preset_name: str) -> dict[str, int]:
@@ -153,10 +139,10 @@ class SimulatedRolloutWorker:
             "groups_produced": self.groups_produced,
         }
 
-    def set_adapter(self, version: int, state: dict[str, torch.Tensor]) -> int:
+    def set_adapter(self, version: int, state: dict[str, torch.Tensor], force: bool = False) -> int:
         if self.adapter is None:
             raise RuntimeError(f"worker {self.name} runs the reference policy and takes no adapter")
-        if version < self.version:
+        if version < self.version and not force:
             return self.version  # a late broadcast of an older version is ignored, as by the real worker
         self.version = version
         return version

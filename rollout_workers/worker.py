@@ -22,6 +22,7 @@ from policy.rollout import generate
 from replay import open_store
 from reward_service.base import Video
 from reward_service.server import remote_score
+from rollout_workers.adapter_source import pull_current_adapter
 from rollout_workers.produce import decode_videos, noise_plan_for, produce_group
 from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask
 
@@ -47,8 +48,7 @@ class RolloutWorker:
         self.version = 0
         if self.adapter is not None:
             add_adapter(self.policy, self.adapter, self.config.lora)
-            version, state_ref = ray.get(adapter_source.current_adapter.remote())
-            self.set_adapter(version, ray.get(state_ref))
+            self.set_adapter(*pull_current_adapter(adapter_source))
         self.reward_server = reward_server
         self.heads: tuple[str, ...] = tuple(ray.get(reward_server.heads.remote()))
         self.store = open_store(store_url)
@@ -58,12 +58,15 @@ class RolloutWorker:
     def info(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "adapter": self.adapter, "version": self.version}
 
-    def set_adapter(self, version: int, state: dict[str, torch.Tensor]) -> int:
-        """Load adapter weights broadcast by the learner (only LoRA tensors cross the network)."""
+    def set_adapter(self, version: int, state: dict[str, torch.Tensor], force: bool = False) -> int:
+        """Load adapter weights broadcast by the learner (only LoRA tensors cross the network).
+
+        A late broadcast of an older version is ignored, unless `force` (the learner was restored
+        from an older checkpoint, and its adapter is the one to hold)."""
         if self.adapter is None:
             raise RuntimeError(f"worker {self.name} runs the reference policy and takes no adapter")
-        if version < self.version:
-            return self.version  # a late broadcast of an older version is ignored
+        if version < self.version and not force:
+            return self.version
         import_adapter_state(self.policy.transformer, self.adapter, state)
         self.version = version
         return version

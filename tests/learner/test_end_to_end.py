@@ -49,6 +49,10 @@ def test_on_policy_runs_writes_its_outputs_and_resumes(ray_local, tmp_path, untr
     state = json.loads((out / "checkpoints" / "iter_000002" / "state.json").read_text())
     assert state["iteration"] == 2 and state["policy_version"] == 2
 
+    # A fresh run into the same directory is refused rather than mixed with the earlier one.
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(load_config(None, small + ["run.iterations=3"]), out)
+
     # Resume: continues at iteration 2 from the saved adapter, and the run's history is kept.
     rows = train(load_config(None, small + ["run.iterations=3"]), out, resume=True)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
