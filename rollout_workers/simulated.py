@@ -34,6 +34,7 @@ from reward_service.registry import register_reward
 from reward_service.result import RewardResult
 from reward_service.server import remote_score
 from rollout_workers.adapter_source import pull_current_adapter
+from rollout_workers.delivery import deliver_group, valid_reward_means
 from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask
 
 STAND_IN_HEADS = ("VQ", "MQ", "TA")
@@ -198,19 +199,9 @@ class SimulatedRolloutWorker:
         return self.store_group(group, task, rollout_s=t1 - t0, reward_s=t2 - t1)
 
     def store_group(self, group: CandidateGroup, task: RolloutTask, rollout_s: float, reward_s: float) -> GroupSummary:
-        num_valid = int(group.reward_valid.sum())
-        stored, reason = False, ""
         t0 = time.perf_counter()
-        if num_valid < self.min_valid:
-            reason = f"only {num_valid} valid rewards (< {self.min_valid})"
-        elif task.destination == "buffer":
-            stored = self.store.buffer_add(group)
-            reason = "" if stored else "already in the buffer"
-        else:
-            stored = self.store.push(group) is not None
-            reason = "" if stored else "already applied"
+        stored, reason = deliver_group(self.store, group, task.destination, self.min_valid)
         self.groups_produced += 1
-        valid = group.reward_valid
         L, G = group.num_chunks, group.group_size
         return GroupSummary(
             group_id=group.group_id,
@@ -220,8 +211,8 @@ class SimulatedRolloutWorker:
             policy_version=group.policy_version,
             stored=stored,
             drop_reason=reason,
-            reward_means={h: float(group.rewards[h][valid].mean()) if num_valid else float("nan") for h in self.heads},
-            num_valid=num_valid,
+            reward_means=valid_reward_means(group, self.heads),
+            num_valid=int(group.reward_valid.sum()),
             forward_passes=(group.pivot + G * (L - group.pivot)) * (len(group.timesteps) + 1),
             rollout_s=rollout_s,
             decode_s=0.0,

@@ -23,6 +23,7 @@ from replay import open_store
 from reward_service.base import Video
 from reward_service.server import remote_score
 from rollout_workers.adapter_source import pull_current_adapter
+from rollout_workers.delivery import deliver_group, valid_reward_means
 from rollout_workers.produce import decode_videos, noise_plan_for, produce_group
 from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask
 
@@ -77,19 +78,8 @@ class RolloutWorker:
     def produce(self, task: RolloutTask) -> GroupSummary:
         produced = produce_group(self.policy, task, self.version, self._score, self.heads, self.config.rollout.branch_batch_size)
         group = produced.group
-        valid = group.reward_valid
-        num_valid = int(valid.sum())
-        means = {h: float(group.rewards[h][valid].mean()) if num_valid else float("nan") for h in self.heads}
-        stored, reason = False, ""
         t0 = time.perf_counter()
-        if num_valid < self.min_valid:
-            reason = f"only {num_valid} valid rewards (< {self.min_valid})"
-        elif task.destination == "buffer":
-            stored = self.store.buffer_add(group)
-            reason = "" if stored else "already in the buffer"
-        else:
-            stored = self.store.push(group) is not None
-            reason = "" if stored else "already applied"
+        stored, reason = deliver_group(self.store, group, task.destination, self.min_valid)
         return GroupSummary(
             group_id=group.group_id,
             worker=self.name,
@@ -98,8 +88,8 @@ class RolloutWorker:
             policy_version=group.policy_version,
             stored=stored,
             drop_reason=reason,
-            reward_means=means,
-            num_valid=num_valid,
+            reward_means=valid_reward_means(group, self.heads),
+            num_valid=int(group.reward_valid.sum()),
             forward_passes=produced.forward_passes,
             rollout_s=produced.rollout_s,
             decode_s=produced.decode_s,
