@@ -155,46 +155,6 @@ def copo_loss(
     return copo_loss_with_stats(x0_theta, x0_old, anchor_index, advantages, tau, clip_eps).loss
 
 
-def group_advantages(
-    rewards: torch.Tensor, eps: float = 1e-8, valid: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`(r - mean) / (std + eps)` within each group (the last dimension), as GRPO does.
-
-    rewards [G] or [N, G]. `std` is the population standard deviation (divide by the number of
-    valid samples, not by one less), as DanceGRPO and Flow-GRPO compute it. `valid` (same shape,
-    bool) marks the samples to use: invalid samples get advantage 0 and do not enter the mean or
-    std. A group whose valid rewards are all equal (or with fewer than two valid samples) gets
-    all-zero advantages: it carries no preference.
-    """
-    rewards = torch.as_tensor(rewards)
-    if not rewards.is_floating_point():
-        rewards = rewards.double()
-    if rewards.dim() not in (1, 2):
-        raise ValueError(f"rewards must be [G] or [N, G], got shape {tuple(rewards.shape)}")
-    if valid is None:
-        valid = torch.ones_like(rewards, dtype=torch.bool)
-    else:
-        valid = torch.as_tensor(valid, device=rewards.device)
-        if valid.dtype != torch.bool or valid.shape != rewards.shape:
-            raise ValueError(
-                f"valid must be a bool tensor of the rewards' shape {tuple(rewards.shape)}, "
-                f"got {valid.dtype} {tuple(valid.shape)}"
-            )
-    if not bool(torch.isfinite(rewards[valid]).all()):
-        raise ValueError("rewards marked valid contain NaN or inf; mark those samples invalid")
-
-    count = valid.sum(dim=-1, keepdim=True)
-    safe_count = count.clamp_min(1).to(rewards.dtype)
-    r = torch.where(valid, rewards, torch.zeros_like(rewards))
-    mean = r.sum(dim=-1, keepdim=True) / safe_count
-    centred = torch.where(valid, rewards - mean, torch.zeros_like(rewards))
-    std = (centred.square().sum(dim=-1, keepdim=True) / safe_count).sqrt()
-    highest = torch.where(valid, rewards, torch.full_like(rewards, -torch.inf)).amax(dim=-1, keepdim=True)
-    lowest = torch.where(valid, rewards, torch.full_like(rewards, torch.inf)).amin(dim=-1, keepdim=True)
-    informative = (count >= 2) & (highest > lowest)
-    return torch.where(valid & informative, centred / (std + eps), torch.zeros_like(rewards))
-
-
 def sample_anchors(group_size: int, num_anchors: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Symmetric anchor sampling: `num_anchors` distinct candidates of the group, uniformly without
     replacement, each serving once as the anchor. Returns a [num_anchors] long tensor."""

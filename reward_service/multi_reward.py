@@ -11,7 +11,7 @@ Two ways, both over one group of G candidates (or N groups at once, shape [N, G]
                    cannot drown the others; this is how DanceGRPO combines VQ and MQ)
 
 Means and stds run over the group's valid samples only; std is the population std (divide by the
-number of valid samples), as in `learner.objectives.group_advantages`. Invalid samples get
+number of valid samples), as DanceGRPO and Flow-GRPO compute it. Invalid samples get
 advantage 0 and take no part in any statistic. A head (or combined reward) with fewer than two
 valid samples or no spread carries no preference and contributes 0. Dropping a group with too few
 valid samples (and counting it) is the caller's decision: `count_valid` helps.

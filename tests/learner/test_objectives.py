@@ -10,7 +10,6 @@ from learner.objectives import (
     auto_tau,
     copo_loss,
     copo_loss_with_stats,
-    group_advantages,
     sample_anchors,
 )
 
@@ -238,34 +237,6 @@ def test_bad_tau_is_rejected(tau):
 
 
 # ---------------------------------------------------------------- advantages and anchors
-def test_group_advantages_match_numpy_population_std():
-    rng = np.random.default_rng(11)
-    rewards = rng.normal(size=(4, 6))
-    expected = (rewards - rewards.mean(axis=1, keepdims=True)) / (rewards.std(axis=1, ddof=0, keepdims=True) + 1e-8)
-    np.testing.assert_allclose(group_advantages(torch.tensor(rewards)).numpy(), expected, rtol=1e-12)
-    np.testing.assert_allclose(group_advantages(torch.tensor(rewards[0])).numpy(), expected[0], rtol=1e-12)
-
-
-def test_group_advantages_exclude_invalid_samples():
-    rewards = torch.tensor([[1.0, 5.0, 2.0, float("nan"), 4.0], [3.0, 3.0, 0.0, 3.0, 7.0]], dtype=torch.float64)
-    valid = torch.tensor([[True, False, True, False, True], [True, True, False, True, False]])
-    adv = group_advantages(rewards, valid=valid).numpy()
-    kept = np.array([1.0, 2.0, 4.0])
-    np.testing.assert_allclose(adv[0, [0, 2, 4]], (kept - kept.mean()) / (kept.std() + 1e-8), rtol=1e-12)
-    assert adv[0, 1] == 0.0 and adv[0, 3] == 0.0
-    np.testing.assert_array_equal(adv[1], 0.0)  # the valid rewards of group 1 are all 3.0
-
-
-def test_group_advantages_zero_spread_and_bad_input():
-    assert torch.count_nonzero(group_advantages(torch.full((7,), 0.1, dtype=torch.float64))) == 0
-    one_valid = group_advantages(torch.tensor([1.0, 2.0]), valid=torch.tensor([True, False]))
-    assert torch.count_nonzero(one_valid) == 0
-    with pytest.raises(ValueError, match="NaN"):
-        group_advantages(torch.tensor([1.0, float("nan")]))
-    with pytest.raises(ValueError, match="valid"):
-        group_advantages(torch.tensor([1.0, 2.0]), valid=torch.tensor([1, 1]))
-
-
 def test_sample_anchors_are_distinct_uniform_and_reproducible():
     draws = torch.stack([sample_anchors(12, 4, torch.Generator().manual_seed(s)) for s in range(3000)])
     assert draws.dtype == torch.long and draws.shape == (3000, 4)

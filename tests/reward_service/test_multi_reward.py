@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from learner.objectives import group_advantages as learner_group_advantages
 from reward_service.multi_reward import combine, count_valid, group_advantages
 
 WEIGHTS = {"VQ": 1.0, "MQ": 0.5, "TA": 2.0}
@@ -53,14 +52,18 @@ def test_weighted_sum_and_per_head_modes_against_loops_with_invalid_samples():
     assert count_valid(valid) == 4
 
 
-def test_weighted_sum_agrees_with_the_learner_on_several_groups():
-    s = {h: np.stack([_scores(seed=k)[h] for k in range(3)]) for h in WEIGHTS}  # [N=3, G=6]
-    valid = np.ones((3, 6), dtype=bool)
+def test_several_groups_use_the_population_std_and_carry_no_preference_without_spread():
+    s = {h: np.stack([_scores(seed=k)[h] for k in range(4)]) for h in WEIGHTS}  # [N=4, G=6]
+    valid = np.ones((4, 6), dtype=bool)
     valid[1, :5] = False  # one valid sample: no preference
+    s["TA"][2] = 0.0
+    s["VQ"][2], s["MQ"][2] = 1.0, 4.0  # every candidate of group 2 combines to the same reward
     ours = group_advantages(s, WEIGHTS, valid)
-    theirs = learner_group_advantages(torch.from_numpy(combine(s, WEIGHTS)), valid=torch.from_numpy(valid))
-    np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-12)
-    assert (ours[1] == 0).all()
+    combined = combine(s, WEIGHTS)
+    for n in (0, 3):
+        want = (combined[n] - combined[n].mean()) / (combined[n].std(ddof=0) + 1e-8)
+        np.testing.assert_allclose(ours[n], want, rtol=1e-12)
+    assert (ours[1] == 0).all() and (ours[2] == 0).all()
 
 
 def test_bad_inputs_are_rejected():
