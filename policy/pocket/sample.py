@@ -5,7 +5,7 @@
     python -m policy.pocket.sample --real --out samples/real            # the domain's own videos, for comparison
 
 Videos are upscaled (nearest neighbour, ``--zoom``) so 32x32 frames are viewable. The contact sheet
-has one row per video (every ``--every``-th frame) with the prompt and the verifier scores beside it.
+has one row per video (every ``--every``-th frame) with the prompt and the verifier scores above it.
 """
 
 from __future__ import annotations
@@ -18,44 +18,11 @@ import argparse
 import re
 from pathlib import Path
 
-import numpy as np
+from policy.video_io import contact_sheet, write_video
 
 
 def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit]
-
-
-def write_video(frames: np.ndarray, path: Path, fps: float, zoom: int) -> Path:
-    import imageio.v3 as iio
-
-    big = frames.repeat(zoom, axis=1).repeat(zoom, axis=2)
-    if path.suffix == ".gif":
-        iio.imwrite(path, big, duration=1000.0 / fps, loop=0)
-    else:
-        iio.imwrite(path, big, fps=fps, codec="libx264", macro_block_size=1)
-    return path
-
-
-def contact_sheet(videos: list[np.ndarray], labels: list[str], path: Path, every: int = 2, zoom: int = 3) -> Path:
-    """One row per video: every ``every``-th frame, upscaled, with its label on the left."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [np.concatenate(list(v[::every].repeat(zoom, 1).repeat(zoom, 2)), axis=1) for v in videos]
-    height, width = rows[0].shape[:2]
-    fig_w = width / 100 + 4.2
-    fig, axes = plt.subplots(len(rows), 1, figsize=(fig_w, len(rows) * (height / 100 + 0.12)), squeeze=False)
-    for ax, row, label in zip(axes[:, 0], rows, labels):
-        ax.imshow(row, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-    fig.subplots_adjust(left=4.0 / fig_w, right=0.995, top=0.995, bottom=0.005, hspace=0.08)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def default_prompts() -> list[str]:
@@ -98,11 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     labels = []
     for i, (video, prompt, seed) in enumerate(zip(videos, prompts, seeds)):
-        path = write_video(video, out / f"{i:02d}_{slug(prompt)}_seed{seed}.{args.format}", fps, args.zoom)
+        path = write_video(video, fps, out / f"{i:02d}_{slug(prompt)}_seed{seed}.{args.format}", upscale=args.zoom)
         s = verifiers.score_video(video, prompt)
         labels.append(f"{prompt}\nseed {seed}  TA {s['TA']:.2f}  VQ {s['VQ']:.2f}  MQ {s['MQ']:.2f}")
         print(f"{path}  TA {s['TA']:.3f} VQ {s['VQ']:.3f} MQ {s['MQ']:.3f}")
-    sheet = contact_sheet(videos, labels, out / "contact_sheet.png", every=args.every)
+    sheet = contact_sheet(videos, labels, out / "contact_sheet.png", frames_per_row=-(-len(videos[0]) // args.every), upscale=3)
     print(f"contact sheet: {sheet}")
 
 
