@@ -22,7 +22,9 @@ its input is the initial noise at ``k = 0`` (``sigma_0 = 1``) and a re-noised en
 
     L_ode = mean_c || x_in - sigma_k v_theta(x_in, t_k | E_{<c}) - E_c ||^2.
 
-The first step learns the noise -> video map, so the student's output depends on each chunk's initial
+The clean context may carry a little Gaussian noise (the student's own chunks in the KV cache are
+never exactly real), and chunk 0, which every later chunk builds on and which has no context to
+lean on, may weigh more. The first step learns the noise -> video map, so the student's output depends on each chunk's initial
 noise; later steps learn to keep what their input already shows, so re-noise draws change little.
 """
 
@@ -75,6 +77,47 @@ def empirical_flow_choice(noise: torch.Tensor, candidates: torch.Tensor, num_ste
     return (candidate_sq - 2 * torch.einsum("bd,bkd->bk", x, cands)).argmin(dim=1)
 
 
+@torch.no_grad()
+def start_as_identity_flow(model) -> None:
+    """Initialise a Wan transformer so that its flow is its input, ``v = x_t`` (so ``x0 = (1 - sigma) x_t``).
+
+    At ``sigma = 1`` the sampler forms ``x0 = x_t - v``: the network must carry its input noise to the
+    output exactly, and a small randomly initialised network spends most of a CPU budget learning that
+    copy (its errors show as blocky noise), not the content. Here the patch embedding writes each
+    token's latent values into the first channels of the residual stream, the blocks start as the
+    identity (their output projections zero, as adaLN-Zero starts DiT blocks), the time embedding
+    starts at zero, and the output projection reads those channels back, undoing the final layer
+    norm's gain for a Gaussian token. Training then learns only what differs from the copy.
+    """
+    dim = model.proj_out.in_features
+    channels = model.config.in_channels
+    p_t, p_h, p_w = model.config.patch_size
+    if p_t != 1 or model.config.out_channels not in (None, channels):
+        raise ValueError("start_as_identity_flow needs a temporal patch of 1 and as many output as input channels")
+    values = channels * p_h * p_w
+    if values > dim:
+        raise ValueError(f"a token of {values} latent values does not fit a residual stream of width {dim}")
+    embed, out = model.patch_embedding, model.proj_out
+    embed.weight.zero_()
+    embed.bias.zero_()
+    out.weight.zero_()
+    out.bias.zero_()
+    gain = (values / dim) ** 0.5  # layer norm over dim channels of which `values` carry unit-variance noise
+    for ph in range(p_h):  # the output unpatchifies features in (row, column, channel) order
+        for pw in range(p_w):
+            for c in range(channels):
+                j = (ph * p_w + pw) * channels + c
+                embed.weight[j, c, 0, ph, pw] = 1.0
+                out.weight[j, j] = gain
+    for block in model.blocks:
+        for layer in (block.attn1.to_out[0], block.attn2.to_out[0], block.ffn.net[-1]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    model.scale_shift_table.zero_()
+    model.condition_embedder.time_embedder.linear_2.weight.zero_()
+    model.condition_embedder.time_embedder.linear_2.bias.zero_()
+
+
 def ode_regression_loss(
     model,
     initial_noise: torch.Tensor,
@@ -84,12 +127,23 @@ def ode_regression_loss(
     timesteps: torch.Tensor,
     chunk_steps: torch.Tensor,
     fresh_noise: torch.Tensor,
+    context: torch.Tensor | None = None,
+    chunk_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``L_ode``: initial noise and endpoints ``[B, F, C, H, W]``, ``chunk_steps [B, L]`` indices into ``timesteps``."""
+    """``L_ode``: initial noise and endpoints ``[B, F, C, H, W]``, ``chunk_steps [B, L]`` indices into ``timesteps``.
+
+    ``context`` replaces the endpoints as the teacher-forced clean context (e.g. the endpoints with a
+    little noise, so the student tolerates its own imperfect chunks in the KV cache); ``chunk_weights [L]``
+    weight each chunk's error (normalised to mean 1).
+    """
     t = per_frame(timesteps[chunk_steps], frames_per_chunk).to(endpoints.dtype)  # [B, F]
     sigma = _bcast(t / 1000.0)
     renoised = (1.0 - sigma) * endpoints + sigma * fresh_noise
     first = _bcast(per_frame(chunk_steps == 0, frames_per_chunk))
     x_in = torch.where(first, initial_noise, renoised)
-    flow = model.forward_dense(x_in, t, text, frames_per_chunk, clean_latents=endpoints)
-    return (x_in - sigma * flow - endpoints).pow(2).mean()
+    flow = model.forward_dense(x_in, t, text, frames_per_chunk, clean_latents=endpoints if context is None else context)
+    err = (x_in - sigma * flow - endpoints).pow(2).mean(dim=(2, 3, 4))  # [B, F]
+    if chunk_weights is not None:
+        w = per_frame((chunk_weights / chunk_weights.mean())[None], frames_per_chunk).to(err)
+        err = err * w
+    return err.mean()

@@ -57,6 +57,12 @@ DRIFT_STD = 0.35  # sideways velocity at a knot, pixels per frame
 SPEED_JITTER = 0.2  # relative change of the forward speed at a knot
 SPEED_JITTER_LIMIT = 0.4
 LANE_GAP = 3.0  # minimum free pixels between two objects' outlines
+# Where objects start varies a little around a layout the prompt fixes (objects enter near the edge
+# they move away from, one in the middle or two side by side): the pocket generator can learn the
+# choices that remain from its initial noise in a CPU budget; anywhere-in-the-frame starts it could not.
+LANE_SPREAD = 2.0  # sideways start: band centre +- this many pixels
+START_SPREAD = 2.0  # forward start: up to this many pixels past the entry margin
+SPLIT_RANGE = (0.46, 0.54)  # where two objects' lanes divide the frame, as a fraction of its width
 
 # Circumradius of an equilateral triangle and half side of a square with the area of a unit circle.
 TRIANGLE_R = float(np.sqrt(4.0 * np.pi / (3.0 * np.sqrt(3.0))))
@@ -199,12 +205,13 @@ def sample_params(spec: PromptSpec, rng: np.random.Generator, num_frames: int = 
     if n == 1:  # sideways lanes: two objects never touch, drift included
         bands = np.array([[margin[0], other - margin[0]]])
     else:
-        split = rng.uniform(other * 0.42, other * 0.58)
+        split = other * rng.uniform(*SPLIT_RANGE)
         bands = np.array([[margin[0], split - LANE_GAP / 2 - extent[0]], [split + LANE_GAP / 2 + extent[1], other - margin[1]]])
-    lane = np.array([rng.uniform(lo + 1.5, hi - 1.5) if hi - lo > 3.0 else (lo + hi) / 2 for lo, hi in bands])
+    lane = np.array([np.clip((lo + hi) / 2 + rng.uniform(-LANE_SPREAD, LANE_SPREAD), lo, hi) for lo, hi in bands])
     speed = rng.uniform(*SPEED_RANGE, size=n)
     longest = speed * (1.0 + SPEED_JITTER_LIMIT) * (num_frames - 1)  # stays inside whatever the knots do
-    start = np.array([rng.uniform(margin[i], max(margin[i], size - margin[i] - longest[i])) for i in range(n)])
+    room = np.maximum(0.0, size - 2 * margin - longest)  # forward slack that keeps the object in frame
+    start = margin + rng.uniform(0.0, 1.0, size=n) * np.minimum(room, START_SPREAD)
     k = num_knots(num_frames)
     return SceneParams(
         radii, bands, lane, start, speed, rng.normal(0.0, SPEED_JITTER, size=(n, k)), rng.normal(0.0, DRIFT_STD, size=(n, k))

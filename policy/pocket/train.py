@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from policy.pocket import domain, preset
 from policy.pocket.codec import PocketCodec
-from policy.pocket.distill import ode_regression_loss
+from policy.pocket.distill import ode_regression_loss, start_as_identity_flow
 from policy.pocket.teacher import OdePairs, make_ode_pairs, pair_noise
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class PocketTrainConfig(BaseModel):
     student_steps: int = Field(2000, ge=0)
     lr: float = Field(1e-3, gt=0)
     first_step_prob: float = Field(0.4, ge=0, le=1)  # chance a chunk trains the noise -> video step
+    context_noise: float = Field(0.3, ge=0)  # max std of the noise added to the teacher-forced context
+    first_chunk_weight: float = Field(2.0, gt=0)  # chunk 0's loss weight relative to the others
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.995, ge=0, lt=1)
@@ -95,10 +97,12 @@ def train_student(pairs: OdePairs, codec: PocketCodec, cfg: PocketTrainConfig, g
     text_table = preset.pocket_text_encoder().encode(domain.train_prompts())
     timesteps = preset.POCKET_PRESET.sampler.timesteps()
     model = preset.new_transformer(seed=cfg.seed).train()
+    start_as_identity_flow(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     fpc, chunks, steps = preset.FRAMES_PER_CHUNK, preset.NUM_CHUNKS, len(timesteps)
     later = (1.0 - cfg.first_step_prob) / max(steps - 1, 1)
     step_probs = torch.tensor([cfg.first_step_prob] + [later] * (steps - 1))
+    chunk_weights = torch.tensor([cfg.first_chunk_weight] + [1.0] * (chunks - 1))
 
     def loss_fn(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(pairs.prompt_ids), (cfg.batch_size,), generator=gen).numpy()
@@ -107,8 +111,11 @@ def train_student(pairs: OdePairs, codec: PocketCodec, cfg: PocketTrainConfig, g
         chunk_steps = torch.multinomial(step_probs, cfg.batch_size * chunks, replacement=True, generator=gen)
         fresh = torch.randn(endpoints.shape, generator=gen)
         text = text_table[torch.from_numpy(pairs.prompt_ids[idx])]
+        context_std = cfg.context_noise * torch.rand(cfg.batch_size, 1, 1, 1, 1, generator=gen)
+        context = endpoints + context_std * torch.randn(endpoints.shape, generator=gen)
         return ode_regression_loss(
-            model, noise, endpoints, text, fpc, timesteps, chunk_steps.view(cfg.batch_size, chunks), fresh
+            model, noise, endpoints, text, fpc, timesteps, chunk_steps.view(cfg.batch_size, chunks), fresh,
+            context, chunk_weights,
         )
 
     losses = _run_steps(model, ema, cfg.student_steps, cfg.lr, cfg, loss_fn, "student", on_checkpoint)

@@ -8,7 +8,13 @@ import numpy as np
 import torch
 
 from policy.pocket import domain, preset, train, verifiers
-from policy.pocket.distill import empirical_flow_choice, empirical_posterior_mean, ode_regression_loss, shifted_sigmas
+from policy.pocket.distill import (
+    empirical_flow_choice,
+    empirical_posterior_mean,
+    ode_regression_loss,
+    shifted_sigmas,
+    start_as_identity_flow,
+)
 from policy.pocket.teacher import make_ode_pairs, pair_noise
 from policy.transformer_causal_wan import CausalWanTransformer3DModel
 
@@ -51,6 +57,14 @@ def test_ode_regression_feeds_initial_noise_at_step_one_and_renoised_endpoints_l
     assert torch.allclose(t, timesteps[steps].repeat_interleave(2, dim=1))
     assert torch.allclose(loss, (expected_in - endpoints).pow(2).mean(), atol=1e-6)
 
+    context = endpoints + 0.1
+    weights = torch.tensor([2.0, 1.0, 1.0, 1.0])
+    loss = ode_regression_loss(model, noise, endpoints, torch.zeros(2, 4, 8), 2, timesteps, steps, fresh, context, weights)
+    assert model.seen[2] is context
+    per_frame_err = (expected_in - endpoints).pow(2).mean(dim=(2, 3, 4))
+    frame_w = (weights / weights.mean()).repeat_interleave(2)
+    assert torch.allclose(loss, (per_frame_err * frame_w).mean(), atol=1e-6)
+
 
 def test_student_loss_decreases_when_fitting_a_batch():
     model = _tiny_model()
@@ -68,6 +82,22 @@ def test_student_loss_decreases_when_fitting_a_batch():
         opt.step()
         losses.append(float(loss.detach()))
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.85 * losses[0], losses
+
+
+def test_identity_start_predicts_the_input_as_flow_and_still_trains_every_block():
+    model = _tiny_model()
+    start_as_identity_flow(model)
+    x = torch.randn(2, 4, *preset.LATENT_SHAPE)
+    text = torch.randn(2, preset.TEXT_TOKENS, preset.TEXT_DIM)
+    for t in (1000.0, 625.0):
+        v = model.forward_dense(x, torch.full((2, 4), t), text, 2, clean_latents=x)
+        assert (v - x).pow(2).mean() < 0.03 * x.pow(2).mean()  # the copy, up to the layer norm's per-token gain
+    fresh = _tiny_model()
+    assert (fresh.forward_dense(x, torch.full((2, 4), 1000.0), text, 2, clean_latents=x) - x).pow(2).mean() > 0.5
+    v = model.forward_dense(x, torch.full((2, 4), 937.5), text, 2, clean_latents=x)
+    v.pow(2).mean().backward()
+    assert model.blocks[0].ffn.net[-1].weight.grad.abs().sum() > 0  # zero-initialised outputs still learn
+    assert model.blocks[0].attn1.to_out[0].weight.grad.abs().sum() > 0
 
 
 def test_empirical_posterior_mean_matches_a_direct_computation():
