@@ -40,7 +40,7 @@ class PocketTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
-    ode_pairs: int = Field(2048, gt=0)
+    ode_pairs: int = Field(4096, gt=0)
     candidates_first: int = Field(64, gt=1)  # scenes chunk 0 chooses from (a bank per prompt)
     candidates_next: int = Field(16, gt=1)  # continuations each later chunk chooses from
     ode_steps: int = Field(32, gt=0)
