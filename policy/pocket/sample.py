@@ -5,7 +5,7 @@
     python -m policy.pocket.sample --real --out samples/real            # the domain's own videos, for comparison
 
 Videos are upscaled (nearest neighbour, ``--zoom``) so 32x32 frames are viewable. The contact sheet
-has one row per video (every ``--every``-th frame) with the prompt and the verifier scores above it.
+has one row per video (frames evenly spaced about ``--every`` apart, first and last included) with the prompt and the verifier scores above it.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--real", action="store_true", help="write the domain's real videos instead of generating")
     parser.add_argument("--format", choices=("mp4", "gif"), default="mp4")
     parser.add_argument("--zoom", type=int, default=4, help="upscale factor of the written videos")
-    parser.add_argument("--every", type=int, default=2, help="frame stride of the contact sheet")
+    parser.add_argument("--every", type=int, default=2, help="about this many frames between the contact sheet's evenly spaced frames")
     args = parser.parse_args(argv)
 
     from policy.pocket import domain, verifiers
