@@ -41,8 +41,8 @@ class Budget:
             "reward.num_actors=1",
             "run.eval_every=0",
             "run.eval_prompts_limit=2",
-            # The learner acks the groups it applied when it checkpoints; rollout workers block once 64
-            # groups are unacked, so checkpoint often enough to stay well below that.
+            # The learner acks the groups it applied when it checkpoints (unacked groups fill the replay
+            # queue); checkpointing every few iterations also keeps the final adapter on disk.
             f"run.checkpoint_every={max(1, min(self.iterations, CHECKPOINT_EVERY))}",
         ]
 

@@ -141,6 +141,20 @@ class Config(_Section):
     replay: ReplaySettings = Field(default_factory=ReplaySettings)
     run: RunSettings = Field(default_factory=RunSettings)
 
+    @model_validator(mode="after")
+    def _check_queue_room(self) -> "Config":
+        # On-policy groups are acked when a checkpoint holds their update; rollout workers stop when the
+        # queue holds max_queue_groups unacked groups, so a checkpoint interval must fit in it (plus the
+        # next iteration's groups, produced while the learner trains).
+        unacked = self.algorithm.groups_per_iteration * (self.run.checkpoint_every + 1)
+        if self.algorithm.mode == "on_policy" and unacked > self.replay.max_queue_groups:
+            raise ValueError(
+                f"replay.max_queue_groups ({self.replay.max_queue_groups}) must be at least algorithm.groups_per_iteration "
+                f"x (run.checkpoint_every + 1) = {unacked}: groups stay unacked until a checkpoint; lower "
+                "run.checkpoint_every or raise replay.max_queue_groups"
+            )
+        return self
+
 
 class ConfigError(ValueError):
     """A configuration problem, with the offending field named."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from replay.codec import CorruptRecordError, UnsupportedSchemaError, decode, encode
 from replay.record import SCHEMA_VERSION, CandidateGroup
@@ -51,8 +51,21 @@ __all__ = [
     "encode",
     "min_policy_version",
     "open_store",
+    "with_store_option",
     "redis_connection",
 ]
+
+
+def with_store_option(url: str, name: str, value: Any) -> str:
+    """`url` with the store option `name=value` in its query (replacing one already there)."""
+    if name not in StoreOptions.model_fields:
+        raise ValueError(f"unknown replay store option {name!r}; known: {sorted(StoreOptions.model_fields)}")
+    url = os.fspath(url)
+    if urlsplit(url).scheme == "":  # a plain directory: as a file URL, so the query cannot become part of the path
+        url = Path(url).resolve().as_uri()
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != name] + [(name, str(value))]
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def open_store(url: str | os.PathLike | None = None, **options: Any) -> ReplayStore:

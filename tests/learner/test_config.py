@@ -41,6 +41,14 @@ def test_cross_field_check_names_both_fields():
         load_config(None, ["algorithm.anchors_per_group=99"])
 
 
+def test_a_checkpoint_interval_must_fit_in_the_replay_queue():
+    # groups are acked only at checkpoints: 4 groups x (80 + 1) would overfill a 256-group queue
+    with pytest.raises(ConfigError, match=r"max_queue_groups \(256\).*groups_per_iteration.*checkpoint_every.*324"):
+        load_config(None, ["run.checkpoint_every=80"])
+    assert load_config(None, ["run.checkpoint_every=80", "replay.max_queue_groups=324"]).run.checkpoint_every == 80
+    assert load_config(None, ["run.checkpoint_every=80", "algorithm.mode=semi_on_policy"]).run.checkpoint_every == 80
+
+
 def test_malformed_override_and_missing_file():
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_override("algorithm.learning_rate")

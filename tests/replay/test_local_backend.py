@@ -87,3 +87,16 @@ def test_default_url_and_url_forms(tmp_path, monkeypatch):
     assert relative.root == type(relative.root)("rel/dir") and relative.options.max_queue_len == 3
     with pytest.raises(ValueError, match="unknown replay store option.*colour"):
         replay.open_store(f"file://{tmp_path}/x?colour=blue")
+
+
+def test_with_store_option_sets_one_option_on_any_url_form(tmp_path):
+    plain = replay.with_store_option(str(tmp_path / "q"), "max_queue_len", 7)
+    store = replay.open_store(plain)
+    assert store.root == tmp_path / "q" and store.options.max_queue_len == 7
+    replaced = replay.with_store_option(f"file://{tmp_path}/q?max_queue_len=3&claim_idle_s=2", "max_queue_len", 9)
+    store = replay.open_store(replaced)
+    assert store.options.max_queue_len == 9 and store.options.claim_idle_s == 2
+    redis_url = replay.with_store_option("redis://127.0.0.1:6379/0?prefix=t:", "max_queue_len", 5)
+    assert redis_url == "redis://127.0.0.1:6379/0?prefix=t%3A&max_queue_len=5"
+    with pytest.raises(ValueError, match="unknown replay store option 'colour'"):
+        replay.with_store_option(plain, "colour", 1)
