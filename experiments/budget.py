@@ -68,8 +68,8 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
-    "full": Budget("full", iterations=16, groups_per_iteration=4, group_size=8, anchors_per_group=4,
-                   buffer_groups=16, eval_prompts=None, seeds=3, entropy_seeds=8, num_workers=2),
+    "full": Budget("full", iterations=80, groups_per_iteration=4, group_size=8, anchors_per_group=4,
+                   buffer_groups=32, eval_prompts=None, seeds=2, entropy_seeds=8, num_workers=2),
     "small": Budget("small", iterations=2, groups_per_iteration=2, group_size=4, anchors_per_group=2,
                     buffer_groups=2, eval_prompts=8, seeds=1, entropy_seeds=2, num_workers=1),
 }

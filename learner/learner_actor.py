@@ -111,7 +111,9 @@ class Learner:
         except ReplayUnavailableError:
             self._reclaim_before = time.monotonic()  # the call is made again; take back what this one held
             raise
-        return taken
+        # Arrival order depends on which worker finished first; training in id order makes the anchor
+        # draws, and so the update, a function of the groups alone.
+        return sorted(taken, key=lambda d: d.group_id)
 
     def _pull(self, n: int, block_ms: int, min_version: int) -> list[Delivery]:
         """`store.pull`, reclaiming at once every delivery made before `_reclaim_before`: those idle

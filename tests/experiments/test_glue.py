@@ -92,7 +92,7 @@ def test_fig2_asks_for_both_objectives_on_one_budget_and_evaluates_their_adapter
     for label, config in recorder.calls:
         assert config.algorithm.mode == "on_policy" and config.reward.weights == {"VQ": 1.0, "MQ": 1.0, "TA": 1.0}
         by_objective.setdefault(config.algorithm.objective, []).append(_budget_fields(config))
-    assert by_objective["copo"] == by_objective["sde_grpo"] == [(2, 1, 2, 1e-3, 16, 0), (2, 1, 2, 1e-3, 16, 1)]
+    assert by_objective["copo"] == by_objective["sde_grpo"] == [(2, 1, 2, 1e-4, 16, 0), (2, 1, 2, 1e-4, 16, 1)]
 
     # Each row evaluates its own run's adapter: the recorder hands out run1, run0, run1, run0 in call order.
     assert [r["Overall"] for r in section.data["final"]["AR-CoPO"]] == [11.0, 10.0]
