@@ -3,7 +3,8 @@ tiny block-causal Wan generator trained on it (shipped weights), so the whole sy
 
 Modules: ``domain`` (videos and prompts), ``verifiers`` (TA/VQ/MQ), ``ood_metric`` (Frechet distance
 to real videos), ``codec`` and ``text_encoder`` (the generator's latent space and conditioning),
-``preset`` (``load_pocket_policy``), ``train`` / ``sample`` / ``entropy`` / ``evaluate`` (commands).
+``preset`` (``load_pocket_policy``), ``train`` / ``sample`` / ``entropy`` / ``fork_spread`` / ``evaluate``
+(commands).
 Importing this package imports neither torch nor diffusers; ``load_pocket_policy`` does.
 """
 
