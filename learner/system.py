@@ -52,6 +52,14 @@ def init_ray(num_cpus_needed: float) -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
+        have = ray.cluster_resources().get("CPU", 0.0)
+        if have < num_cpus_needed:  # not an error: an autoscaler may still add nodes
+            log.warning(
+                "the Ray cluster has %g CPU slots but this run's actors ask for %g (rollout.num_workers x "
+                "rollout.num_cpus_per_worker + reward.num_actors + 1 for the learner); they wait until the "
+                "cluster has them. Start the head with `ray start --num-cpus %d` or lower rollout.num_workers "
+                "/ rollout.num_cpus_per_worker.", have, num_cpus_needed, int(np.ceil(num_cpus_needed)),
+            )
     else:
         ray.init(num_cpus=max(int(np.ceil(num_cpus_needed)), os.cpu_count() or 1), include_dashboard=False)
 
