@@ -85,7 +85,7 @@ def build_section(runs: dict[str, list[RunResult]], base: Scores, final: dict[st
         "final": {m: [s.row() for s in ss] for m, ss in final.items()},
         "held_out_change": {m: vars(c) for m, c in changes.items()},
         "final_mean": {m: {k: vars(v) for k, v in aggregate(ss).items()} for m, ss in final.items()},
-        "runs": {m: [str(r.directory) for r in rs] for m, rs in runs.items()},
+        "runs": {m: [r.directory.name for r in rs] for m, rs in runs.items()},
         "png": png.name,
     }
     return Section("fig2", "Figure 2 / 7: AR-CoPO vs SDE-GRPO reward curves", body, [claim], data)

@@ -76,7 +76,7 @@ def build_section(runs: dict[str, list[RunResult]], base: Scores, final: dict[st
         "base": base.row(),
         "final": {m: [s.row() for s in ss] for m, ss in final.items()},
         "final_mean": {m: {k: vars(v) for k, v in aggregate(ss).items()} for m, ss in final.items()},
-        "runs": {m: [str(r.directory) for r in rs] for m, rs in runs.items()},
+        "runs": {m: [r.directory.name for r in rs] for m, rs in runs.items()},
         "png": [png.name, fvd_png.name],
     }
     return Section("table2", "Table 2: on-policy vs semi-on-policy vs off-policy, optimising TA only", body, claims, data)

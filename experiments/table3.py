@@ -92,7 +92,7 @@ def build_section(runs: list[RunResult], base: Scores, sweeps: list[dict[float, 
         "selected_scale": mean_choice,
         "selected_per_seed": per_seed_choice,
         "spearman": {"Overall": overall_trend, "FVD": fvd_trend},
-        "runs": [str(r.directory) for r in runs],
+        "runs": [r.directory.name for r in runs],
         "png": png.name,
     }
     return Section("table3", "Table 3: merge-scale sweep with the dual selection rule", body, [claim], data)
