@@ -24,8 +24,10 @@ its input is the initial noise at ``k = 0`` (``sigma_0 = 1``) and a re-noised en
 
 The clean context may carry a little Gaussian noise (the student's own chunks in the KV cache are
 never exactly real), and chunk 0, which every later chunk builds on and which has no context to
-lean on, may weigh more. The first step learns the noise -> video map, so the student's output depends on each chunk's initial
-noise; later steps learn to keep what their input already shows, so re-noise draws change little.
+lean on, may weigh more. The intent: the first step learns the noise -> video map, so the output
+depends on each chunk's initial noise, and later steps keep what their input already shows. On the
+shipped weights that does not hold: the first step barely uses its noise and the content comes from
+the re-noise draws (docs/pocket.md, "Baseline and the Figure 6 study").
 """
 
 from __future__ import annotations

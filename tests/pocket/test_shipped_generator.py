@@ -1,4 +1,4 @@
-"""The shipped pocket generator: loads, streams like the rollout code, is trained, and is near-deterministic."""
+"""The shipped pocket generator: loads, streams like the rollout code, is trained and leaves reward headroom."""
 
 from __future__ import annotations
 
