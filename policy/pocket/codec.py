@@ -17,9 +17,8 @@ Why PCA: fixed, linear (``decode`` is the transpose), deterministic and cheap; d
 latents loses a little (mean absolute error about 2/255, soft edges with a faint halo), as a VAE does.
 
 ``scale`` sets the signal-to-noise ratio the sampler's timesteps meet. Noising ``scale * z`` at
-``sigma`` equals noising ``z`` on a schedule with ``shift / scale``: 2.5 turns the Self-Forcing
-timesteps (shift 5, tuned for 480p) into the equivalent of shift 2 here, so a chunk's content is
-already legible in the input of its second step.
+``sigma`` equals noising ``z`` on a schedule with ``shift / scale``: with the pocket sampler's shift 1
+the scale 2.5 acts as shift 0.4 on unit-scale latents.
 """
 
 from __future__ import annotations

@@ -25,9 +25,10 @@ its input is the initial noise at ``k = 0`` (``sigma_0 = 1``) and a re-noised en
 The clean context may carry a little Gaussian noise (the student's own chunks in the KV cache are
 never exactly real), and chunk 0, which every later chunk builds on and which has no context to
 lean on, may weigh more. The intent: the first step learns the noise -> video map, so the output
-depends on each chunk's initial noise, and later steps keep what their input already shows. On the
-shipped weights that does not hold: the first step barely uses its noise and the content comes from
-the re-noise draws (docs/pocket.md, "Baseline and the Figure 6 study").
+depends on each chunk's initial noise, and later steps keep what their input already shows. Trained
+this way alone it does not: the first step learns the per-prompt mean video and the content comes
+from the re-noise draws. ``first_step_imle_loss`` (the training command's stage 3) makes the first
+step read its noise (docs/pocket.md, "Baseline and the Figure 6 study").
 """
 
 from __future__ import annotations
@@ -149,3 +150,37 @@ def ode_regression_loss(
         w = per_frame((chunk_weights / chunk_weights.mean())[None], frames_per_chunk).to(err)
         err = err * w
     return err.mean()
+
+
+def first_step_imle_loss(
+    model,
+    initial_noise: torch.Tensor,
+    alternatives: torch.Tensor,
+    context: torch.Tensor,
+    text: torch.Tensor,
+    frames_per_chunk: int,
+    first_timestep: float = 1000.0,
+) -> torch.Tensor:
+    """Implicit maximum likelihood for the first step: every real alternative pulls the nearest of M predictions.
+
+    ``initial_noise [P, M, F, C, H, W]``: M initial noises per row; ``alternatives [P, N, F, C, H, W]``: for
+    each chunk ``c``, N real alternatives of chunk ``c`` that share ``context [P, F, C, H, W]``'s earlier
+    chunks (the teacher-forced context); ``text [P, S, D]``. Every chunk is predicted from its initial
+    noise at ``first_timestep``; per chunk and row, each alternative is matched to its nearest
+    prediction (squared error over the chunk) and the loss is the mean matched error. Regression onto
+    a fixed noise -> video map pulls a small network to the mean video; matching instead lets each
+    noise keep whichever real chunk it is already closest to, so the first step learns to cover the
+    real chunks with different noises, as distribution-matching distillation (DMD) makes a few-step
+    generator's output depend on its noise.
+    """
+    p, m, frames = initial_noise.shape[:3]
+    x = initial_noise.flatten(0, 1)
+    t = torch.full((p * m, frames), first_timestep, dtype=x.dtype, device=x.device)
+    clean = context.repeat_interleave(m, dim=0)
+    flow = model.forward_dense(x, t, text.repeat_interleave(m, dim=0), frames_per_chunk, clean_latents=clean)
+    pred = (x - (first_timestep / 1000.0) * flow).view(p, m, frames, -1)
+    chunks = frames // frames_per_chunk
+    per_chunk = lambda v: v.reshape(*v.shape[:2], chunks, -1)  # noqa: E731  [P, K, L, D]
+    pred_c, alt_c = per_chunk(pred), per_chunk(alternatives.flatten(3))
+    dist = (alt_c[:, :, None] - pred_c[:, None]).pow(2).mean(-1)  # [P, N, M, L]
+    return dist.min(dim=2).values.mean()

@@ -61,6 +61,17 @@ def render_report(rows: dict[str, dict], header: str, entropy_md: str | None) ->
     return "\n".join(lines) + "\n"
 
 
+def _training_lines(training: dict, indent: str = "") -> list[str]:
+    """The training record as bullet lines; weights trained from earlier weights list those first."""
+    lines = []
+    if training.get("initial_weights"):
+        lines += [f"{indent}- started from weights trained as:"] + _training_lines(training["initial_weights"], indent + "  ")
+    losses = {k: round(v, 4) for k, v in training.items() if k.endswith("_final") and v is not None}
+    lines.append(f"{indent}- training: wall time {training.get('wall_time')}, final losses {losses}, "
+                 f"seed {training.get('config', {}).get('seed')}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=None, help="pocket weights directory (default: the shipped weights)")
@@ -108,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- weights: `{weights.name}/diffusion_pytorch_model.safetensors` sha256 `{digest}`",
         f"- held-out prompts: {len(domain.heldout_prompts())} x {args.per_prompt} videos; noise seeds 0..{len(seeds) - 1} "
         "(generator) and domain seeds 0.. (real)",
-        f"- training: wall time {training.get('wall_time')}, final teacher loss {training.get('teacher_loss_final')}, "
-        f"final student loss {training.get('student_loss_final')}, seed {training.get('config', {}).get('seed')}",
+        *_training_lines(training),
         "- heads in [0, 1], higher is better (definitions in docs/pocket.md); FVD-p: Frechet distance to real videos "
         "of the same prompts (reference seeds fixed), lower is better",
     ])

@@ -5,7 +5,7 @@
 codec's ``codec.safetensors``, and ``pocket.json`` with the geometry and the training record).
 
 Geometry: 16 frames of 32x32 RGB at 8 fps -> latents ``[8, 16, 8, 8]`` -> 4 chunks of 2 latent frames,
-16 tokens per latent frame; 4-step sampler with the Self-Forcing timesteps ``[1000, 937.5, 833.3, 625]``.
+16 tokens per latent frame; 4-step sampler on Self-Forcing's step list with shift 0.5 instead of 5: timesteps ``[1000, 600, 333.3, 142.9]``.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ POCKET_TRANSFORMER: dict[str, Any] = {
     "rope_max_seq_len": 64,
 }
 LATENT_SHAPE = (16, 8, 8)
+# Self-Forcing's shift 5 puts the second step at sigma 0.94, where a 16-token frame keeps too little of the
+# first step's prediction to follow it (``policy.pocket.step_readout``). The resolution-dependent shift
+# rule (shift ~ sqrt(tokens)) scales 5 at 1560 tokens per latent frame to ~0.5 at 16.
+POCKET_SHIFT = 0.5
 LATENT_SCALE = 2.5
 CODEC_FIT_VIDEOS = 384  # real training-prompt videos (seeds 0..N-1) the codec's PCA is fit on
 
@@ -81,7 +85,7 @@ POCKET_PRESET = register_preset(
         frames_per_chunk=FRAMES_PER_CHUNK,
         num_chunks=NUM_CHUNKS,
         latent_shape=LATENT_SHAPE,
-        sampler=SamplerConfig(),
+        sampler=SamplerConfig(shift=POCKET_SHIFT),
     )
 )
 

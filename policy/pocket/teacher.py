@@ -85,6 +85,39 @@ def pairs_for_prompt(
     return domain.render_tracks(spec, chosen.radii, domain.scene_tracks(spec, chosen))
 
 
+@dataclass(frozen=True)
+class ContinuationSets:
+    """Real videos for the first-step objective: per row, a context scene and, for every chunk ``c``,
+    ``N`` real alternatives of chunk ``c`` given the context's earlier chunks (chunk 0: ``N`` fresh scenes)."""
+
+    prompt_ids: np.ndarray  # [P]
+    context: np.ndarray  # [P, T, H, W, 3] uint8: the scene whose earlier chunks condition each chunk
+    alternatives: np.ndarray  # [P, N, T, H, W, 3] uint8: chunk c's frames hold alternatives of chunk c
+
+
+def continuation_sets(
+    prompts: list[str], rows: int, alternatives: int, rng: np.random.Generator, frames_per_chunk: int, time_stride: int
+) -> ContinuationSets:
+    """``rows`` sets over uniformly drawn ``prompts`` (see :class:`ContinuationSets`)."""
+    video_frames = frames_per_chunk * time_stride
+    chunks = domain.NUM_FRAMES // video_frames
+    prompt_ids = rng.integers(0, len(prompts), size=rows)
+    context = np.zeros((rows, domain.NUM_FRAMES, domain.HEIGHT, domain.WIDTH, 3), dtype=np.uint8)
+    alts = np.zeros((rows, alternatives, *context.shape[1:]), dtype=np.uint8)
+    for r, pid in enumerate(prompt_ids):
+        spec = domain.parse_prompt(prompts[pid])
+        scene = domain.sample_params(spec, rng)
+        context[r] = domain.render_tracks(spec, scene.radii, domain.scene_tracks(spec, scene))
+        for c in range(chunks):
+            if c == 0:
+                options = _stack([domain.sample_params(spec, rng) for _ in range(alternatives)])
+            else:
+                options = domain.continue_params(scene, c, alternatives, rng)
+            frames = slice(c * video_frames, (c + 1) * video_frames)
+            alts[r, :, frames] = domain.render_tracks(spec, options.radii, domain.scene_tracks(spec, options)[..., frames, :])
+    return ContinuationSets(prompt_ids, context, alts)
+
+
 def make_ode_pairs(
     prompts: list[str],
     count: int,

@@ -1,11 +1,13 @@
-"""Train the pocket generator on CPU: exact-flow teacher ODE pairs -> 4-step causal student.
+"""Train the pocket generator on CPU: exact-flow teacher ODE pairs -> 4-step causal student -> first step by IMLE.
 
-    python -m policy.pocket.train                      # the shipped weights (see docs/pocket.md)
-    python -m policy.pocket.train --out /tmp/pocket --ode-pairs 16 --student-steps 20
+    python -m policy.pocket.train                      # all three stages (docs/pocket.md: the shipped weights)
+    python -m policy.pocket.train --out /tmp/pocket --ode-pairs 16 --student-steps 20 --imle-steps 10
 
 Stage 1 draws ODE pairs (initial noise -> real domain video) from the exact probability-flow teacher
 of ``policy.pocket.teacher``; stage 2 trains the block-causal student by ODE-trajectory regression at
-the sampler's four timesteps (``policy.pocket.distill.ode_regression_loss``). Every random draw comes
+the sampler's four timesteps (``policy.pocket.distill.ode_regression_loss``); stage 3 retrains the first
+step so that its output depends on the chunk's initial noise (``policy.pocket.distill.first_step_imle_loss``
+on real alternatives of each chunk) while the later steps keep the regression loss. Every random draw comes
 from ``--seed`` (pairs, initial weights, batches), so the command is reproducible on one machine (CPU
 kernels may differ in the last bits across machines). The architecture and geometry are in
 ``policy.pocket.preset``.
@@ -30,8 +32,9 @@ from tqdm import tqdm
 
 from policy.pocket import domain, preset
 from policy.pocket.codec import PocketCodec
-from policy.pocket.distill import ode_regression_loss, start_as_identity_flow
-from policy.pocket.teacher import OdePairs, make_ode_pairs, pair_noise
+from policy.pocket.distill import first_step_imle_loss, ode_regression_loss, start_as_identity_flow
+from policy.pocket.teacher import OdePairs, continuation_sets, make_ode_pairs, pair_noise
+from policy.sampler import SamplerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +50,21 @@ class PocketTrainConfig(BaseModel):
     batch_size: int = Field(16, gt=0)
     student_steps: int = Field(2000, ge=0)
     lr: float = Field(1e-3, gt=0)
+    # Stage 2 trains at Self-Forcing's timesteps (shift 5); stage 3 moves the later steps to the pocket
+    # sampler's. A from-scratch stage 2 at the pocket's own timesteps (with other changes) did not learn.
+    student_shift: float = Field(5.0, gt=0)
     first_step_prob: float = Field(0.4, ge=0, le=1)  # chance a chunk trains the noise -> video step
     context_noise: float = Field(0.3, ge=0)  # max std of the noise added to the teacher-forced context
     first_chunk_weight: float = Field(2.0, gt=0)  # chunk 0's loss weight relative to the others
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.995, ge=0, lt=1)
+    imle_steps: int = Field(600, ge=0)  # stage 3: first step by implicit maximum likelihood (0: skip)
+    imle_rows: int = Field(4, gt=0)  # context scenes per stage-3 step
+    imle_noises: int = Field(8, gt=1)  # initial noises per context scene
+    imle_alternatives: int = Field(8, gt=0)  # real alternatives of each chunk per context scene
+    imle_lr: float = Field(5e-4, gt=0)
+    init_from: str | None = None  # a weights directory to start stage 3 from, skipping stage 2
     checkpoint_every: int = Field(0, ge=0)  # also write the EMA weights to <out>/step_<n> every n steps (0: never)
 
 
@@ -93,9 +105,9 @@ def _run_steps(model, ema, steps, lr, cfg, loss_fn, desc, on_checkpoint=None) ->
 
 
 def train_student(pairs: OdePairs, codec: PocketCodec, cfg: PocketTrainConfig, gen: torch.Generator, on_checkpoint=None):
-    """4-step block-causal student by ODE-trajectory regression; returns (EMA student, per-step losses)."""
+    """4-step block-causal student by ODE-trajectory regression; returns (student, its EMA, per-step losses)."""
     text_table = preset.pocket_text_encoder().encode(domain.train_prompts())
-    timesteps = preset.POCKET_PRESET.sampler.timesteps()
+    timesteps = SamplerConfig(shift=cfg.student_shift).timesteps()
     model = preset.new_transformer(seed=cfg.seed).train()
     start_as_identity_flow(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -119,6 +131,45 @@ def train_student(pairs: OdePairs, codec: PocketCodec, cfg: PocketTrainConfig, g
         )
 
     losses = _run_steps(model, ema, cfg.student_steps, cfg.lr, cfg, loss_fn, "student", on_checkpoint)
+    return model, ema, losses
+
+
+def train_first_step(model, ema, pairs: OdePairs, codec: PocketCodec, cfg: PocketTrainConfig, gen: torch.Generator,
+                     on_checkpoint=None):
+    """Stage 3: the first step by ``first_step_imle_loss`` on real alternatives; the later steps keep their
+    ODE-regression loss on the pairs' endpoints. Returns (EMA student, per-step losses)."""
+    prompts = domain.train_prompts()
+    text_table = preset.pocket_text_encoder().encode(prompts)  # the pairs' prompt ids index the same list
+    timesteps = preset.POCKET_PRESET.sampler.timesteps()
+    fpc, chunks, steps = preset.FRAMES_PER_CHUNK, preset.NUM_CHUNKS, len(timesteps)
+    later_steps = torch.tensor([0.0] + [1.0] * (steps - 1))
+    chunk_weights = torch.tensor([cfg.first_chunk_weight] + [1.0] * (chunks - 1))
+    rng = np.random.default_rng([cfg.seed, 11])
+    latent_frames = fpc * chunks
+
+    def loss_fn(step: int) -> torch.Tensor:
+        sets = continuation_sets(prompts, cfg.imle_rows, cfg.imle_alternatives, rng, fpc, codec.time_stride)
+        alternatives = codec.encode(sets.alternatives.reshape(-1, *sets.alternatives.shape[2:]))
+        alternatives = alternatives.view(cfg.imle_rows, cfg.imle_alternatives, *alternatives.shape[1:])
+        context = codec.encode(sets.context)
+        context = context + cfg.context_noise * torch.rand(cfg.imle_rows, 1, 1, 1, 1, generator=gen) * torch.randn(
+            context.shape, generator=gen)
+        noise = torch.randn((cfg.imle_rows, cfg.imle_noises, latent_frames, *preset.LATENT_SHAPE), generator=gen)
+        imle = first_step_imle_loss(model, noise, alternatives, context, text_table[torch.from_numpy(sets.prompt_ids)], fpc)
+
+        idx = torch.randint(0, len(pairs.prompt_ids), (cfg.batch_size,), generator=gen).numpy()
+        endpoints = codec.encode(pairs.videos[idx])
+        chunk_steps = torch.multinomial(later_steps, cfg.batch_size * chunks, replacement=True, generator=gen)
+        fresh = torch.randn(endpoints.shape, generator=gen)
+        context_std = cfg.context_noise * torch.rand(cfg.batch_size, 1, 1, 1, 1, generator=gen)
+        pair_context = endpoints + context_std * torch.randn(endpoints.shape, generator=gen)
+        regression = ode_regression_loss(  # no chunk is at the first step, so no initial noise is read
+            model, fresh, endpoints, text_table[torch.from_numpy(pairs.prompt_ids[idx])], fpc, timesteps,
+            chunk_steps.view(cfg.batch_size, chunks), fresh, pair_context, chunk_weights,
+        )
+        return imle + regression
+
+    losses = _run_steps(model, ema, cfg.imle_steps, cfg.imle_lr, cfg, loss_fn, "first step", on_checkpoint)
     return ema, losses
 
 
@@ -140,8 +191,18 @@ def train(cfg: PocketTrainConfig, out: str | Path) -> dict:
         record = {"training": {"config": cfg.model_dump(), "step": step, "student_loss_final": float(np.mean(losses[-50:]))}}
         preset.save_pocket_weights(ema, Path(out) / f"step_{step:05d}", record, codec)
 
-    student, losses = train_student(pairs, codec, cfg, gen, checkpoint)
+    if cfg.init_from:
+        student = preset.load_pocket_policy(cfg.init_from).transformer
+        model = copy.deepcopy(student).train().requires_grad_(True)
+        losses: list[float] = []
+    else:
+        model, student, losses = train_student(pairs, codec, cfg, gen, checkpoint)
     times["student_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    first_step_losses: list[float] = []
+    if cfg.imle_steps:
+        student, first_step_losses = train_first_step(model, student, pairs, codec, cfg, gen)
+    times["first_step_s"] = time.perf_counter() - mark
     times["total_s"] = time.perf_counter() - start
     times["process_cpu_s"] = time.process_time() - cpu_start
 
@@ -155,8 +216,12 @@ def train(cfg: PocketTrainConfig, out: str | Path) -> dict:
             "wall_time": {k: round(v, 1) for k, v in times.items()},
             "student_loss_first": tail(losses[:50]),
             "student_loss_final": tail(losses),
+            "first_step_loss_first": tail(first_step_losses[:50]),
+            "first_step_loss_final": tail(first_step_losses),
         }
     }
+    if cfg.init_from:
+        record["training"]["initial_weights"] = preset.read_pocket_record(cfg.init_from).get("training")
     preset.save_pocket_weights(student, out, record, codec)
     logger.info("pocket generator written to %s in %.1f s", out, times["total_s"])
     return record
@@ -167,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(preset.WEIGHTS_DIR), help="weights directory (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     for name, field in PocketTrainConfig.model_fields.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(field.default), default=field.default)
+        kind = str if field.default is None else type(field.default)
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=field.default)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:

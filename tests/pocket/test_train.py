@@ -16,6 +16,7 @@ from policy.pocket.distill import (
     start_as_identity_flow,
 )
 from policy.pocket.teacher import make_ode_pairs, pair_noise
+from policy.sampler import SamplerConfig
 from policy.transformer_causal_wan import CausalWanTransformer3DModel
 
 TINY = {**preset.POCKET_TRANSFORMER, "num_layers": 1, "num_attention_heads": 2, "ffn_dim": 64}
@@ -28,7 +29,9 @@ def _tiny_model(seed: int = 0) -> CausalWanTransformer3DModel:
 
 def test_shifted_sigmas_match_the_sampler_warp():
     u = torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64)
-    assert torch.allclose(shifted_sigmas(u, 5.0) * 1000, preset.POCKET_PRESET.sampler.timesteps().double(), atol=1e-3)
+    assert torch.allclose(shifted_sigmas(u, 5.0) * 1000, SamplerConfig().timesteps().double(), atol=1e-3)
+    pocket = preset.POCKET_PRESET.sampler.timesteps().double()
+    assert torch.allclose(shifted_sigmas(u, preset.POCKET_SHIFT) * 1000, pocket, atol=1e-3)
 
 
 class _ZeroFlow(torch.nn.Module):
@@ -140,10 +143,18 @@ def test_teacher_pairs_are_real_videos_of_their_prompts_and_reproducible():
 def test_training_command_runs_a_few_steps_and_writes_loadable_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(preset, "POCKET_TRANSFORMER", TINY)
     cfg = train.PocketTrainConfig(batch_size=2, ode_pairs=4, candidates_first=4, candidates_next=2, ode_steps=4,
-                                  student_steps=3, warmup_steps=1)
+                                  student_steps=3, warmup_steps=1, imle_steps=2, imle_rows=1, imle_noises=2,
+                                  imle_alternatives=2)
     record = train.train(cfg, tmp_path)
     written = json.loads((tmp_path / "pocket.json").read_text())
     assert written["training"]["config"]["student_steps"] == 3 and written["latent_scale"] == preset.LATENT_SCALE
-    assert np.isfinite(record["training"]["student_loss_final"])
+    assert np.isfinite(record["training"]["student_loss_final"]) and np.isfinite(record["training"]["first_step_loss_final"])
     policy = preset.load_pocket_policy(tmp_path)
     assert policy.num_chunks == 4 and policy.frames_per_chunk == 2 and policy.latent_shape == (16, 8, 8)
+
+    # stage 3 alone, from those weights
+    again = train.train(cfg.model_copy(update={"init_from": str(tmp_path)}), tmp_path / "stage3")
+    assert again["training"]["student_loss_final"] is None and np.isfinite(again["training"]["first_step_loss_final"])
+    before = policy.transformer.state_dict()
+    after = preset.load_pocket_policy(tmp_path / "stage3").transformer.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
