@@ -5,6 +5,9 @@ ODE, one of ``candidates[0]`` scenes of the prompt (a bank shared by the prompt'
 chunk ``c`` chooses one of ``candidates[1]`` continuations of the scene so far that agree on every
 earlier frame. The pair is the noise and the rendered video of the final scene (uint8), so the
 teacher's endpoints are exactly real domain videos.
+
+``continuation_sets`` draws the real videos the training command's stage 3 matches first-step
+predictions against: per context scene, real alternatives of every chunk given its earlier chunks.
 """
 
 from __future__ import annotations
