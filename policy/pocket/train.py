@@ -104,6 +104,24 @@ def _run_steps(model, ema, steps, lr, cfg, loss_fn, desc, on_checkpoint=None) ->
     return losses
 
 
+def _pair_regression_loss(model, pairs: OdePairs, codec: PocketCodec, cfg: PocketTrainConfig, gen: torch.Generator,
+                          text_table, timesteps, step_probs, chunk_weights) -> torch.Tensor:
+    """``ode_regression_loss`` on a random batch of pairs, each chunk at a step drawn from ``step_probs``."""
+    chunks = len(chunk_weights)
+    idx = torch.randint(0, len(pairs.prompt_ids), (cfg.batch_size,), generator=gen).numpy()
+    endpoints = codec.encode(pairs.videos[idx])
+    noise = pair_noise(pairs.noise_seeds[idx], endpoints.shape[1], preset.LATENT_SHAPE)
+    chunk_steps = torch.multinomial(step_probs, cfg.batch_size * chunks, replacement=True, generator=gen)
+    fresh = torch.randn(endpoints.shape, generator=gen)
+    text = text_table[torch.from_numpy(pairs.prompt_ids[idx])]
+    context_std = cfg.context_noise * torch.rand(cfg.batch_size, 1, 1, 1, 1, generator=gen)
+    context = endpoints + context_std * torch.randn(endpoints.shape, generator=gen)
+    return ode_regression_loss(
+        model, noise, endpoints, text, preset.FRAMES_PER_CHUNK, timesteps, chunk_steps.view(cfg.batch_size, chunks),
+        fresh, context, chunk_weights,
+    )
+
+
 def train_student(pairs: OdePairs, codec: PocketCodec, cfg: PocketTrainConfig, gen: torch.Generator, on_checkpoint=None):
     """4-step block-causal student by ODE-trajectory regression; returns (student, its EMA, per-step losses)."""
     text_table = preset.pocket_text_encoder().encode(domain.train_prompts())
@@ -111,24 +129,13 @@ def train_student(pairs: OdePairs, codec: PocketCodec, cfg: PocketTrainConfig, g
     model = preset.new_transformer(seed=cfg.seed).train()
     start_as_identity_flow(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    fpc, chunks, steps = preset.FRAMES_PER_CHUNK, preset.NUM_CHUNKS, len(timesteps)
+    chunks, steps = preset.NUM_CHUNKS, len(timesteps)
     later = (1.0 - cfg.first_step_prob) / max(steps - 1, 1)
     step_probs = torch.tensor([cfg.first_step_prob] + [later] * (steps - 1))
     chunk_weights = torch.tensor([cfg.first_chunk_weight] + [1.0] * (chunks - 1))
 
     def loss_fn(step: int) -> torch.Tensor:
-        idx = torch.randint(0, len(pairs.prompt_ids), (cfg.batch_size,), generator=gen).numpy()
-        endpoints = codec.encode(pairs.videos[idx])
-        noise = pair_noise(pairs.noise_seeds[idx], endpoints.shape[1], preset.LATENT_SHAPE)
-        chunk_steps = torch.multinomial(step_probs, cfg.batch_size * chunks, replacement=True, generator=gen)
-        fresh = torch.randn(endpoints.shape, generator=gen)
-        text = text_table[torch.from_numpy(pairs.prompt_ids[idx])]
-        context_std = cfg.context_noise * torch.rand(cfg.batch_size, 1, 1, 1, 1, generator=gen)
-        context = endpoints + context_std * torch.randn(endpoints.shape, generator=gen)
-        return ode_regression_loss(
-            model, noise, endpoints, text, fpc, timesteps, chunk_steps.view(cfg.batch_size, chunks), fresh,
-            context, chunk_weights,
-        )
+        return _pair_regression_loss(model, pairs, codec, cfg, gen, text_table, timesteps, step_probs, chunk_weights)
 
     losses = _run_steps(model, ema, cfg.student_steps, cfg.lr, cfg, loss_fn, "student", on_checkpoint)
     return model, ema, losses
@@ -156,17 +163,7 @@ def train_first_step(model, ema, pairs: OdePairs, codec: PocketCodec, cfg: Pocke
             context.shape, generator=gen)
         noise = torch.randn((cfg.imle_rows, cfg.imle_noises, latent_frames, *preset.LATENT_SHAPE), generator=gen)
         imle = first_step_imle_loss(model, noise, alternatives, context, text_table[torch.from_numpy(sets.prompt_ids)], fpc)
-
-        idx = torch.randint(0, len(pairs.prompt_ids), (cfg.batch_size,), generator=gen).numpy()
-        endpoints = codec.encode(pairs.videos[idx])
-        chunk_steps = torch.multinomial(later_steps, cfg.batch_size * chunks, replacement=True, generator=gen)
-        fresh = torch.randn(endpoints.shape, generator=gen)
-        context_std = cfg.context_noise * torch.rand(cfg.batch_size, 1, 1, 1, 1, generator=gen)
-        pair_context = endpoints + context_std * torch.randn(endpoints.shape, generator=gen)
-        regression = ode_regression_loss(  # no chunk is at the first step, so no initial noise is read
-            model, fresh, endpoints, text_table[torch.from_numpy(pairs.prompt_ids[idx])], fpc, timesteps,
-            chunk_steps.view(cfg.batch_size, chunks), fresh, pair_context, chunk_weights,
-        )
+        regression = _pair_regression_loss(model, pairs, codec, cfg, gen, text_table, timesteps, later_steps, chunk_weights)
         return imle + regression
 
     losses = _run_steps(model, ema, cfg.imle_steps, cfg.imle_lr, cfg, loss_fn, "first step", on_checkpoint)
