@@ -152,6 +152,32 @@ def ode_regression_loss(
     return err.mean()
 
 
+def first_step_predictions(
+    model,
+    initial_noise: torch.Tensor,
+    context: torch.Tensor,
+    text: torch.Tensor,
+    frames_per_chunk: int,
+    first_timestep: float = 1000.0,
+) -> torch.Tensor:
+    """The first step's x0 ``[P, M, F, C, H, W]`` from ``initial_noise [P, M, F, C, H, W]``, every chunk at
+    ``first_timestep`` and teacher-forced on ``context [P, F, C, H, W]``'s earlier chunks; ``text [P, S, D]``."""
+    p, m, frames = initial_noise.shape[:3]
+    x = initial_noise.flatten(0, 1)
+    t = torch.full((p * m, frames), first_timestep, dtype=x.dtype, device=x.device)
+    clean = context.repeat_interleave(m, dim=0)
+    flow = model.forward_dense(x, t, text.repeat_interleave(m, dim=0), frames_per_chunk, clean_latents=clean)
+    return (x - (first_timestep / 1000.0) * flow).view(initial_noise.shape)
+
+
+def _chunk_distances(pred: torch.Tensor, alternatives: torch.Tensor, frames_per_chunk: int) -> torch.Tensor:
+    """Mean squared error ``[P, N, M, L]`` of every alternative ``[P, N, F, ...]`` to every prediction
+    ``[P, M, F, ...]``, per chunk."""
+    chunks = pred.shape[2] // frames_per_chunk
+    per_chunk = lambda v: v.reshape(*v.shape[:2], chunks, -1)  # noqa: E731  [P, K, L, D]
+    return (per_chunk(alternatives)[:, :, None] - per_chunk(pred)[:, None]).pow(2).mean(-1)
+
+
 def first_step_imle_loss(
     model,
     initial_noise: torch.Tensor,
@@ -173,14 +199,60 @@ def first_step_imle_loss(
     real chunks with different noises, as distribution-matching distillation (DMD) makes a few-step
     generator's output depend on its noise.
     """
-    p, m, frames = initial_noise.shape[:3]
-    x = initial_noise.flatten(0, 1)
-    t = torch.full((p * m, frames), first_timestep, dtype=x.dtype, device=x.device)
-    clean = context.repeat_interleave(m, dim=0)
-    flow = model.forward_dense(x, t, text.repeat_interleave(m, dim=0), frames_per_chunk, clean_latents=clean)
-    pred = (x - (first_timestep / 1000.0) * flow).view(p, m, frames, -1)
+    pred = first_step_predictions(model, initial_noise, context, text, frames_per_chunk, first_timestep)
+    return imle_loss(pred, alternatives, frames_per_chunk)
+
+
+def imle_loss(pred: torch.Tensor, alternatives: torch.Tensor, frames_per_chunk: int) -> torch.Tensor:
+    """``first_step_imle_loss`` on given predictions ``[P, M, F, ...]``: mean over alternatives of the error
+    to their nearest prediction, per chunk."""
+    return _chunk_distances(pred, alternatives, frames_per_chunk).min(dim=2).values.mean()
+
+
+def nearest_alternatives(pred: torch.Tensor, alternatives: torch.Tensor, frames_per_chunk: int) -> torch.Tensor:
+    """For every prediction ``[P, M, F, ...]`` and chunk, the real alternative ``[P, N, F, ...]`` nearest to it:
+    the real chunk the prediction stands for. Returns ``[P, M, F, ...]``."""
+    p, m, frames = pred.shape[:3]
     chunks = frames // frames_per_chunk
-    per_chunk = lambda v: v.reshape(*v.shape[:2], chunks, -1)  # noqa: E731  [P, K, L, D]
-    pred_c, alt_c = per_chunk(pred), per_chunk(alternatives.flatten(3))
-    dist = (alt_c[:, :, None] - pred_c[:, None]).pow(2).mean(-1)  # [P, N, M, L]
-    return dist.min(dim=2).values.mean()
+    idx = _chunk_distances(pred, alternatives, frames_per_chunk).argmin(dim=1)  # [P, M, L]
+    alt = alternatives.reshape(p, alternatives.shape[1], chunks, -1)
+    picked = torch.gather(alt, 1, idx[..., None].expand(-1, -1, -1, alt.shape[-1]))  # [P, M, L, D]
+    return picked.reshape(pred.shape)
+
+
+def later_steps_chain_loss(
+    model,
+    start: torch.Tensor,
+    targets: torch.Tensor,
+    context: torch.Tensor,
+    text: torch.Tensor,
+    frames_per_chunk: int,
+    timesteps: torch.Tensor,
+    fresh_noise: torch.Tensor,
+) -> torch.Tensor:
+    """The later steps on the student's own chain, each regressed onto the real chunk its first step chose.
+
+    ``start [B, F, C, H, W]``: the first step's predictions (no gradient flows into them); ``targets``
+    of the same shape: per chunk, the real chunk nearest each prediction (``nearest_alternatives``);
+    ``timesteps [K]``: the later steps' timesteps; ``fresh_noise [K, B, F, C, H, W]``: the re-noise draw
+    before each. Step ``k`` sees ``(1 - sigma_k) x0_{k-1} + sigma_k xi_k`` with ``x0_{k-1}`` the previous
+    step's own prediction, as the sampler feeds it, and the loss is the mean over steps of
+
+        || x_in - sigma_k v_theta(x_in, t_k | context) - target ||^2.
+
+    The target depends only on the first step's prediction, not on the re-noise draws, so the later
+    steps learn to carry out the first step's choice whatever the draw: the near-determinism a
+    distilled few-step sampler trained on its own rollouts has (Self-Forcing), which ODE regression
+    on re-noised real endpoints does not give (it never sees the first step's imperfect predictions).
+    """
+    x = start.detach()
+    losses = []
+    for k in range(len(timesteps)):
+        t = torch.full(x.shape[:2], float(timesteps[k]), dtype=x.dtype, device=x.device)
+        sigma = float(timesteps[k]) / 1000.0
+        x_in = (1.0 - sigma) * x + sigma * fresh_noise[k]
+        flow = model.forward_dense(x_in, t, text, frames_per_chunk, clean_latents=context)
+        pred = x_in - sigma * flow
+        losses.append((pred - targets).pow(2).mean())
+        x = pred.detach()
+    return torch.stack(losses).mean()

@@ -52,7 +52,7 @@ LATENT_SHAPE = (16, 8, 8)
 # Self-Forcing's shift 5 puts the second step at sigma 0.94, where a 16-token frame keeps too little of the
 # first step's prediction to follow it (``policy.pocket.step_readout``). The resolution-dependent shift
 # rule (shift ~ sqrt(tokens)) scales 5 at 1560 tokens per latent frame to ~0.5 at 16.
-POCKET_SHIFT = 0.5
+POCKET_SHIFT = 0.08
 LATENT_SCALE = 2.5
 CODEC_FIT_VIDEOS = 384  # real training-prompt videos (seeds 0..N-1) the codec's PCA is fit on
 
@@ -101,9 +101,10 @@ def policy_from_transformer(
     codec: PocketCodec | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    sampler: SamplerConfig | None = None,
 ) -> StreamingVideoPolicy:
-    """Wrap a pocket-sized transformer into a policy with the pocket text encoder and sampler and ``codec``
-    (default: the shipped codec, or the codec as training fits it when none is shipped)."""
+    """Wrap a pocket-sized transformer into a policy with the pocket text encoder, ``sampler`` (default: the
+    preset's) and ``codec`` (default: the shipped codec, or the codec as training fits it when none is shipped)."""
     if codec is None:
         codec = pocket_codec() if (WEIGHTS_DIR / CODEC_FILE).is_file() else fit_pocket_codec()
     if next(transformer.parameters()).dtype != dtype:
@@ -111,7 +112,7 @@ def policy_from_transformer(
     transformer = transformer.to(device=device).eval().requires_grad_(False)
     return StreamingVideoPolicy(
         transformer=transformer,
-        sampler=POCKET_PRESET.sampler,
+        sampler=sampler or POCKET_PRESET.sampler,
         frames_per_chunk=FRAMES_PER_CHUNK,
         num_chunks=NUM_CHUNKS,
         latent_shape=LATENT_SHAPE,
@@ -154,7 +155,18 @@ def load_pocket_policy(
     state = load_file(weights, device="cpu")
     check_state_matches(transformer, state, str(weights))
     transformer.load_state_dict(state, strict=True)
-    return policy_from_transformer(transformer, PocketCodec.load(weights_dir, fps=domain.FPS), device, dtype)
+    codec = PocketCodec.load(weights_dir, fps=domain.FPS)
+    return policy_from_transformer(transformer, codec, device, dtype, sampler_of_record(record, weights_dir))
+
+
+def sampler_of_record(record: dict[str, Any], weights_dir: str | Path = WEIGHTS_DIR) -> SamplerConfig:
+    """The sampler the weights were trained for (``pocket.json``'s ``sampler``), else the preset's."""
+    if "sampler" not in record:
+        return POCKET_PRESET.sampler
+    try:
+        return SamplerConfig(**record["sampler"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{Path(weights_dir) / POCKET_FILE}: bad 'sampler' entry: {err}") from err
 
 
 def save_pocket_weights(
@@ -162,15 +174,19 @@ def save_pocket_weights(
     weights_dir: str | Path,
     record: dict[str, Any],
     codec: PocketCodec | None = None,
+    sampler: SamplerConfig | None = None,
 ) -> Path:
     """Write ``config.json`` + safetensors (diffusers layout), the codec and ``pocket.json`` into ``weights_dir``.
 
-    Without ``codec`` the codec is fit as training fits it (``fit_pocket_codec``)."""
+    Without ``codec`` the codec is fit as training fits it (``fit_pocket_codec``); ``pocket.json`` records
+    ``sampler`` (default: the preset's), the sampler the weights are loaded with, as diffusers keeps a
+    scheduler's config beside its model."""
     weights_dir = Path(weights_dir)
     weights_dir.mkdir(parents=True, exist_ok=True)
     transformer.save_pretrained(weights_dir, safe_serialization=True)
     (codec or fit_pocket_codec()).save(weights_dir)
     full = {"latent_scale": LATENT_SCALE, "frames_per_chunk": FRAMES_PER_CHUNK, "num_chunks": NUM_CHUNKS,
-            "text_encoder_id": pocket_text_encoder().encoder_id, **record}
+            "text_encoder_id": pocket_text_encoder().encoder_id,
+            "sampler": (sampler or POCKET_PRESET.sampler).model_dump(), **record}
     (weights_dir / POCKET_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
     return weights_dir

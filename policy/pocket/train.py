@@ -32,7 +32,14 @@ from tqdm import tqdm
 
 from policy.pocket import domain, preset
 from policy.pocket.codec import PocketCodec
-from policy.pocket.distill import first_step_imle_loss, ode_regression_loss, start_as_identity_flow
+from policy.pocket.distill import (
+    first_step_predictions,
+    imle_loss,
+    later_steps_chain_loss,
+    nearest_alternatives,
+    ode_regression_loss,
+    start_as_identity_flow,
+)
 from policy.pocket.teacher import OdePairs, continuation_sets, make_ode_pairs, pair_noise
 from policy.sampler import SamplerConfig
 
@@ -59,13 +66,24 @@ class PocketTrainConfig(BaseModel):
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.995, ge=0, lt=1)
-    imle_steps: int = Field(600, ge=0)  # stage 3: first step by implicit maximum likelihood (0: skip)
+    imle_steps: int = Field(500, ge=0)  # stage 3: first step by implicit maximum likelihood (0: skip)
     imle_rows: int = Field(4, gt=0)  # context scenes per stage-3 step
     imle_noises: int = Field(8, gt=1)  # initial noises per context scene
     imle_alternatives: int = Field(8, gt=0)  # real alternatives of each chunk per context scene
     imle_lr: float = Field(5e-4, gt=0)
+    sampler_shift: float = Field(preset.POCKET_SHIFT, gt=0)  # the sampler stage 3 trains for and the weights record
+    # the last chain_steps updates of stage 3 also run the later steps on the student's own chain from
+    # chain_noises of each row's first-step predictions, towards the real chunk each prediction is nearest to
+    chain_steps: int = Field(200, ge=0)
+    chain_noises: int = Field(4, ge=0)
+    chain_alternatives: int = Field(32, gt=0)  # real alternatives the chain's targets are the nearest of
+    chain_weight: float = Field(1.0, ge=0)
     init_from: str | None = None  # a weights directory to start stage 3 from, skipping stage 2
-    checkpoint_every: int = Field(0, ge=0)  # also write the EMA weights to <out>/step_<n> every n steps (0: never)
+    checkpoint_every: int = Field(0, ge=0)  # also write the EMA weights to <out>/<stage>_step_<n> every n steps (0: never)
+
+
+def _sampler(cfg: PocketTrainConfig) -> SamplerConfig:
+    return preset.POCKET_PRESET.sampler.model_copy(update={"shift": cfg.sampler_shift})
 
 
 def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -143,11 +161,12 @@ def train_student(pairs: OdePairs, codec: PocketCodec, cfg: PocketTrainConfig, g
 
 def train_first_step(model, ema, pairs: OdePairs, codec: PocketCodec, cfg: PocketTrainConfig, gen: torch.Generator,
                      on_checkpoint=None):
-    """Stage 3: the first step by ``first_step_imle_loss`` on real alternatives; the later steps keep their
-    ODE-regression loss on the pairs' endpoints. Returns (EMA student, per-step losses)."""
+    """Stage 3, at the sampler's timesteps: the first step by ``first_step_imle_loss`` on real alternatives; the
+    later steps keep their ODE-regression loss on the pairs' endpoints and, in the last ``chain_steps`` updates,
+    also learn ``later_steps_chain_loss`` on the student's own chain. Returns (EMA student, per-step losses)."""
     prompts = domain.train_prompts()
     text_table = preset.pocket_text_encoder().encode(prompts)  # the pairs' prompt ids index the same list
-    timesteps = preset.POCKET_PRESET.sampler.timesteps()
+    timesteps = _sampler(cfg).timesteps()
     fpc, chunks, steps = preset.FRAMES_PER_CHUNK, preset.NUM_CHUNKS, len(timesteps)
     later_steps = torch.tensor([0.0] + [1.0] * (steps - 1))
     chunk_weights = torch.tensor([cfg.first_chunk_weight] + [1.0] * (chunks - 1))
@@ -155,16 +174,28 @@ def train_first_step(model, ema, pairs: OdePairs, codec: PocketCodec, cfg: Pocke
     latent_frames = fpc * chunks
 
     def loss_fn(step: int) -> torch.Tensor:
-        sets = continuation_sets(prompts, cfg.imle_rows, cfg.imle_alternatives, rng, fpc, codec.time_stride)
+        chained = cfg.chain_noises > 0 and step >= cfg.imle_steps - cfg.chain_steps
+        n = max(cfg.imle_alternatives, cfg.chain_alternatives if chained else 0)
+        sets = continuation_sets(prompts, cfg.imle_rows, n, rng, fpc, codec.time_stride)
         alternatives = codec.encode(sets.alternatives.reshape(-1, *sets.alternatives.shape[2:]))
-        alternatives = alternatives.view(cfg.imle_rows, cfg.imle_alternatives, *alternatives.shape[1:])
+        alternatives = alternatives.view(cfg.imle_rows, n, *alternatives.shape[1:])
         context = codec.encode(sets.context)
         context = context + cfg.context_noise * torch.rand(cfg.imle_rows, 1, 1, 1, 1, generator=gen) * torch.randn(
             context.shape, generator=gen)
+        text = text_table[torch.from_numpy(sets.prompt_ids)]
         noise = torch.randn((cfg.imle_rows, cfg.imle_noises, latent_frames, *preset.LATENT_SHAPE), generator=gen)
-        imle = first_step_imle_loss(model, noise, alternatives, context, text_table[torch.from_numpy(sets.prompt_ids)], fpc)
-        regression = _pair_regression_loss(model, pairs, codec, cfg, gen, text_table, timesteps, later_steps, chunk_weights)
-        return imle + regression
+        pred = first_step_predictions(model, noise, context, text, fpc)
+        loss = imle_loss(pred, alternatives[:, : cfg.imle_alternatives], fpc)
+        loss = loss + _pair_regression_loss(model, pairs, codec, cfg, gen, text_table, timesteps, later_steps, chunk_weights)
+        if chained:
+            m = min(cfg.chain_noises, cfg.imle_noises)
+            start = pred[:, :m].detach()
+            targets = nearest_alternatives(start, alternatives[:, : cfg.chain_alternatives], fpc).flatten(0, 1)
+            fresh = torch.randn((steps - 1, *targets.shape), generator=gen)
+            chain = later_steps_chain_loss(model, start.flatten(0, 1), targets, context.repeat_interleave(m, dim=0),
+                                           text.repeat_interleave(m, dim=0), fpc, timesteps[1:], fresh)
+            loss = loss + cfg.chain_weight * chain
+        return loss
 
     losses = _run_steps(model, ema, cfg.imle_steps, cfg.imle_lr, cfg, loss_fn, "first step", on_checkpoint)
     return ema, losses
@@ -184,21 +215,24 @@ def train(cfg: PocketTrainConfig, out: str | Path) -> dict:
     )
     times["ode_pairs_s"] = time.perf_counter() - start
     mark = time.perf_counter()
-    def checkpoint(step: int, ema, losses: list[float]) -> None:
-        record = {"training": {"config": cfg.model_dump(), "step": step, "student_loss_final": float(np.mean(losses[-50:]))}}
-        preset.save_pocket_weights(ema, Path(out) / f"step_{step:05d}", record, codec)
+    def checkpointer(stage: str):
+        def write(step: int, ema, losses: list[float]) -> None:
+            record = {"training": {"config": cfg.model_dump(), "stage": stage, "step": step,
+                                   f"{stage}_loss_final": float(np.mean(losses[-50:]))}}
+            preset.save_pocket_weights(ema, Path(out) / f"{stage}_step_{step:05d}", record, codec, _sampler(cfg))
+        return write
 
     if cfg.init_from:
         student = preset.load_pocket_policy(cfg.init_from).transformer
         model = copy.deepcopy(student).train().requires_grad_(True)
         losses: list[float] = []
     else:
-        model, student, losses = train_student(pairs, codec, cfg, gen, checkpoint)
+        model, student, losses = train_student(pairs, codec, cfg, gen, checkpointer("student"))
     times["student_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
     first_step_losses: list[float] = []
     if cfg.imle_steps:
-        student, first_step_losses = train_first_step(model, student, pairs, codec, cfg, gen)
+        student, first_step_losses = train_first_step(model, student, pairs, codec, cfg, gen, checkpointer("first_step"))
     times["first_step_s"] = time.perf_counter() - mark
     times["total_s"] = time.perf_counter() - start
     times["process_cpu_s"] = time.process_time() - cpu_start
@@ -219,7 +253,7 @@ def train(cfg: PocketTrainConfig, out: str | Path) -> dict:
     }
     if cfg.init_from:
         record["training"]["initial_weights"] = preset.read_pocket_record(cfg.init_from).get("training")
-    preset.save_pocket_weights(student, out, record, codec)
+    preset.save_pocket_weights(student, out, record, codec, _sampler(cfg))
     logger.info("pocket generator written to %s in %.1f s", out, times["total_s"])
     return record
 

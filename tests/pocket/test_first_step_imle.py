@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from policy.pocket import domain
-from policy.pocket.distill import first_step_imle_loss
+from policy.pocket.distill import first_step_imle_loss, later_steps_chain_loss, nearest_alternatives
 from policy.pocket.teacher import continuation_sets
 
 
@@ -69,3 +69,60 @@ def test_alternatives_of_a_later_chunk_continue_the_context_and_chunk_zero_alter
             # knots up to c are shared, so the chunk's first two frames are the context's
             assert all(np.array_equal(a[first : first + 2], sets.context[r, first : first + 2]) for a in alts)
         assert any(not np.array_equal(a[12:16], alts[0][12:16]) for a in alts[1:])  # fresh knots after that
+
+
+class _AffineFlow(torch.nn.Module):
+    """v = scale * x_t - offset: a flow whose x0 is a known affine function of its input; records each call."""
+
+    def __init__(self, scale: float, offset: torch.Tensor):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(scale, dtype=torch.float64))
+        self.offset = offset
+        self.calls = []
+
+    def forward_dense(self, latents, timesteps, text, frames_per_chunk, clean_latents=None):
+        self.calls.append((latents.detach().clone(), timesteps.clone(), clean_latents))
+        return self.scale * latents - self.offset
+
+
+def test_nearest_alternatives_pick_per_chunk_the_real_chunk_closest_to_each_prediction():
+    gen = torch.Generator().manual_seed(1)
+    p, m, n, frames, f = 2, 3, 5, 6, 2  # 3 chunks
+    pred = torch.randn(p, m, frames, 2, 2, 2, generator=gen, dtype=torch.float64)
+    alts = torch.randn(p, n, frames, 2, 2, 2, generator=gen, dtype=torch.float64)
+    picked = nearest_alternatives(pred, alts, f)
+    assert picked.shape == pred.shape
+    for i in range(p):
+        for j in range(m):
+            for c in range(3):
+                frames_c = slice(c * f, (c + 1) * f)
+                d = [float(((alts[i, k, frames_c] - pred[i, j, frames_c]) ** 2).sum()) for k in range(n)]
+                assert torch.equal(picked[i, j, frames_c], alts[i, int(np.argmin(d)), frames_c]), (i, j, c)
+
+
+def test_later_steps_chain_feeds_each_step_the_previous_prediction_re_noised_and_regresses_on_the_targets():
+    gen = torch.Generator().manual_seed(2)
+    b, frames, f = 3, 4, 2
+    shape = (b, frames, 2, 2, 2)
+    start = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randn(shape, generator=gen, dtype=torch.float64)
+    context = torch.randn(shape, generator=gen, dtype=torch.float64)
+    offset = torch.randn(shape, generator=gen, dtype=torch.float64)
+    fresh = torch.randn((3, *shape), generator=gen, dtype=torch.float64)
+    timesteps = torch.tensor([600.0, 333.0, 143.0])
+    model = _AffineFlow(0.7, offset)
+    loss = later_steps_chain_loss(model, start, targets, context, torch.zeros(b, 1, 1), f, timesteps, fresh)
+
+    x, errors = start.detach().numpy(), []  # the same chain in numpy
+    for k, t in enumerate(timesteps.tolist()):
+        s = t / 1000.0
+        x_in = (1 - s) * x + s * fresh[k].numpy()
+        seen, seen_t, seen_context = model.calls[k]
+        assert np.allclose(seen.numpy(), x_in, rtol=1e-12) and torch.all(seen_t == t) and seen_context is context
+        x = x_in - s * (0.7 * x_in - offset.numpy())
+        errors.append(((x - targets.numpy()) ** 2).mean())
+    assert len(model.calls) == 3 and np.isclose(loss.item(), np.mean(errors), rtol=1e-12)
+
+    loss.backward()
+    assert start.grad is None  # the first step's predictions are inputs, not trained through this loss
+    assert model.scale.grad is not None and model.scale.grad.abs() > 0

@@ -153,8 +153,10 @@ def test_training_command_runs_a_few_steps_and_writes_loadable_weights(tmp_path,
     assert policy.num_chunks == 4 and policy.frames_per_chunk == 2 and policy.latent_shape == (16, 8, 8)
 
     # stage 3 alone, from those weights
-    again = train.train(cfg.model_copy(update={"init_from": str(tmp_path)}), tmp_path / "stage3")
+    again = train.train(cfg.model_copy(update={"init_from": str(tmp_path), "checkpoint_every": 2}), tmp_path / "stage3")
     assert again["training"]["student_loss_final"] is None and np.isfinite(again["training"]["first_step_loss_final"])
+    snapshot = json.loads((tmp_path / "stage3" / "first_step_step_00002" / "pocket.json").read_text())
+    assert snapshot["training"]["stage"] == "first_step" and snapshot["training"]["step"] == 2
     before = policy.transformer.state_dict()
     after = preset.load_pocket_policy(tmp_path / "stage3").transformer.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
