@@ -28,7 +28,8 @@ lean on, may weigh more. The intent: the first step learns the noise -> video ma
 depends on each chunk's initial noise, and later steps keep what their input already shows. Trained
 this way alone it does not: the first step learns the per-prompt mean video and the content comes
 from the re-noise draws. ``first_step_imle_loss`` (the training command's stage 3) makes the first
-step read its noise (docs/pocket.md, "Baseline and the Figure 6 study").
+step read its noise, and ``later_steps_chain_loss`` trains the later steps on the student's own
+predictions to carry out the first step's choice (docs/pocket.md, "Baseline and the Figure 6 study").
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@
 codec's ``codec.safetensors``, and ``pocket.json`` with the geometry and the training record).
 
 Geometry: 16 frames of 32x32 RGB at 8 fps -> latents ``[8, 16, 8, 8]`` -> 4 chunks of 2 latent frames,
-16 tokens per latent frame; 4-step sampler on Self-Forcing's step list with shift 0.5 instead of 5: timesteps ``[1000, 600, 333.3, 142.9]``.
+16 tokens per latent frame; 4-step sampler on Self-Forcing's step list with shift 0.08 instead of 5: timesteps
+``[1000, 193.5, 74.1, 26.0]``. ``pocket.json`` also records the sampler the weights were trained for, and
+``load_pocket_policy`` samples with it.
 """
 
 from __future__ import annotations
@@ -50,8 +52,11 @@ POCKET_TRANSFORMER: dict[str, Any] = {
 }
 LATENT_SHAPE = (16, 8, 8)
 # Self-Forcing's shift 5 puts the second step at sigma 0.94, where a 16-token frame keeps too little of the
-# first step's prediction to follow it (``policy.pocket.step_readout``). The resolution-dependent shift
-# rule (shift ~ sqrt(tokens)) scales 5 at 1560 tokens per latent frame to ~0.5 at 16.
+# first step's prediction to follow it (``policy.pocket.step_readout``); the resolution-dependent shift rule
+# (shift ~ sqrt(tokens)) scales 5 at 1560 tokens per latent frame to ~0.5 at 16. At 0.5 one re-noise draw
+# still moved the output by 6-15 % (the steps after the first are imperfect denoisers that pass part of
+# their input noise through); at 0.08 the later steps see sigma 0.19 / 0.07 / 0.03, so they refine the
+# first step's choice and a re-noise draw moves the output by 1.5-8 % (docs/pocket.md, Figure 6 study).
 POCKET_SHIFT = 0.08
 LATENT_SCALE = 2.5
 CODEC_FIT_VIDEOS = 384  # real training-prompt videos (seeds 0..N-1) the codec's PCA is fit on

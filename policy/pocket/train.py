@@ -1,13 +1,15 @@
 """Train the pocket generator on CPU: exact-flow teacher ODE pairs -> 4-step causal student -> first step by IMLE.
 
-    python -m policy.pocket.train                      # all three stages (docs/pocket.md: the shipped weights)
+    python -m policy.pocket.train                      # all three stages (docs/pocket.md: how the shipped weights were made)
     python -m policy.pocket.train --out /tmp/pocket --ode-pairs 16 --student-steps 20 --imle-steps 10
 
 Stage 1 draws ODE pairs (initial noise -> real domain video) from the exact probability-flow teacher
 of ``policy.pocket.teacher``; stage 2 trains the block-causal student by ODE-trajectory regression at
-the sampler's four timesteps (``policy.pocket.distill.ode_regression_loss``); stage 3 retrains the first
-step so that its output depends on the chunk's initial noise (``policy.pocket.distill.first_step_imle_loss``
-on real alternatives of each chunk) while the later steps keep the regression loss. Every random draw comes
+Self-Forcing's four timesteps (``policy.pocket.distill.ode_regression_loss``); stage 3, at the pocket
+sampler's timesteps, retrains the first step so that its output depends on the chunk's initial noise
+(``policy.pocket.distill.first_step_imle_loss`` on real alternatives of each chunk) while the later steps
+keep the regression loss and, in its last ``--chain-steps`` updates, learn to carry out the first step's
+choice on the student's own chain (``policy.pocket.distill.later_steps_chain_loss``). Every random draw comes
 from ``--seed`` (pairs, initial weights, batches), so the command is reproducible on one machine (CPU
 kernels may differ in the last bits across machines). The architecture and geometry are in
 ``policy.pocket.preset``.
