@@ -144,13 +144,16 @@ def test_training_command_runs_a_few_steps_and_writes_loadable_weights(tmp_path,
     monkeypatch.setattr(preset, "POCKET_TRANSFORMER", TINY)
     cfg = train.PocketTrainConfig(batch_size=2, ode_pairs=4, candidates_first=4, candidates_next=2, ode_steps=4,
                                   student_steps=3, warmup_steps=1, imle_steps=2, imle_rows=1, imle_noises=2,
-                                  imle_alternatives=2)
+                                  imle_alternatives=2, sampler_shift=0.5)
     record = train.train(cfg, tmp_path)
     written = json.loads((tmp_path / "pocket.json").read_text())
     assert written["training"]["config"]["student_steps"] == 3 and written["latent_scale"] == preset.LATENT_SCALE
     assert np.isfinite(record["training"]["student_loss_final"]) and np.isfinite(record["training"]["first_step_loss_final"])
     policy = preset.load_pocket_policy(tmp_path)
     assert policy.num_chunks == 4 and policy.frames_per_chunk == 2 and policy.latent_shape == (16, 8, 8)
+    # the weights record, and load with, the sampler stage 3 trained them for
+    assert written["sampler"]["shift"] == 0.5
+    assert np.allclose(policy.timesteps().tolist(), [1000.0, 600.0, 333.3333, 142.8571], atol=1e-3)
 
     # stage 3 alone, from those weights
     again = train.train(cfg.model_copy(update={"init_from": str(tmp_path), "checkpoint_every": 2}), tmp_path / "stage3")
