@@ -57,7 +57,7 @@ class PocketTrainConfig(BaseModel):
     candidates_next: int = Field(16, gt=1)  # continuations each later chunk chooses from
     ode_steps: int = Field(32, gt=0)
     batch_size: int = Field(16, gt=0)
-    student_steps: int = Field(2000, ge=0)
+    student_steps: int = Field(1600, ge=0)
     lr: float = Field(1e-3, gt=0)
     # Stage 2 trains at Self-Forcing's timesteps (shift 5); stage 3 moves the later steps to the pocket
     # sampler's. A from-scratch stage 2 at the pocket's own timesteps (with other changes) did not learn.
@@ -68,7 +68,7 @@ class PocketTrainConfig(BaseModel):
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.995, ge=0, lt=1)
-    imle_steps: int = Field(500, ge=0)  # stage 3: first step by implicit maximum likelihood (0: skip)
+    imle_steps: int = Field(450, ge=0)  # stage 3: first step by implicit maximum likelihood (0: skip)
     imle_rows: int = Field(4, gt=0)  # context scenes per stage-3 step
     imle_noises: int = Field(8, gt=1)  # initial noises per context scene
     imle_alternatives: int = Field(8, gt=0)  # real alternatives of each chunk per context scene
@@ -76,8 +76,8 @@ class PocketTrainConfig(BaseModel):
     sampler_shift: float = Field(preset.POCKET_SHIFT, gt=0)  # the sampler stage 3 trains for and the weights record
     # the last chain_steps updates of stage 3 also run the later steps on the student's own chain from
     # chain_noises of each row's first-step predictions, towards the real chunk each prediction is nearest to
-    chain_steps: int = Field(200, ge=0)
-    chain_noises: int = Field(4, ge=0)
+    chain_steps: int = Field(300, ge=0)
+    chain_noises: int = Field(2, ge=0)
     chain_alternatives: int = Field(32, gt=0)  # real alternatives the chain's targets are the nearest of
     chain_weight: float = Field(1.0, ge=0)
     init_from: str | None = None  # a weights directory to start stage 3 from, skipping stage 2
