@@ -1,6 +1,6 @@
 """Train the pocket generator on CPU: exact-flow teacher ODE pairs -> 4-step causal student -> first step by IMLE.
 
-    python -m policy.pocket.train                      # all three stages (docs/pocket.md: how the shipped weights were made)
+    python -m policy.pocket.train --out w/              # all three stages, ~28 min (docs/pocket.md: this run, the shipped one)
     python -m policy.pocket.train --out /tmp/pocket --ode-pairs 16 --student-steps 20 --imle-steps 10
 
 Stage 1 draws ODE pairs (initial noise -> real domain video) from the exact probability-flow teacher
