@@ -19,7 +19,8 @@ def test_an_unperturbed_fork_has_no_spread_and_a_renoise_fork_has_some(policy):
     assert set(spread) == {"initial_noise", "renoise"}
     assert set(spread["initial_noise"]) == {"VQ", "MQ", "TA", "sum"}
     # s = 0: every branch gets the same initial noise, so the videos (and rewards) are identical up to
-    # rounding (batch rows may differ in the last bits on some CPUs: ~2e-7 of reward std seen on one)
+    # rounding: branches rolled out in one batch differ in the last bits on some CPUs (x0 by up to 7e-6,
+    # reward std ~2e-7 seen on one; exactly equal one branch at a time)
     assert spread["initial_noise"] == pytest.approx({"VQ": 0.0, "MQ": 0.0, "TA": 0.0, "sum": 0.0}, abs=1e-5)
     # re-noise forks draw new noise at the pivot chunk's intermediate steps: the videos differ (~0.02)
     assert spread["renoise"]["sum"] > 1e-3
