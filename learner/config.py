@@ -112,6 +112,14 @@ class RewardSettings(_Section):
     timeout_s: float = Field(300.0, gt=0)
     min_valid_per_group: int = Field(2, ge=2)
 
+    @model_validator(mode="after")
+    def _check_head_names(self) -> "RewardSettings":
+        # metrics.jsonl writes a head as `reward_<head>`, beside `reward_mean` and the timing `reward_s`.
+        clash = sorted(set(self.weights) & {"mean", "s"})
+        if clash:
+            raise ValueError(f"reward.weights: head name(s) {clash} clash with the metrics columns reward_mean / reward_s")
+        return self
+
 
 class ReplaySettings(_Section):
     url: str | None = None  # None: an embedded local store under the output directory

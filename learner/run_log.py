@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from learner.metrics import PHASES
+
 REQUIRED_KEYS = ("iteration", "reward_mean", "loss", "clip_fraction", "policy_version")
 
 
@@ -57,33 +59,66 @@ def _value(row: dict[str, Any], key: str) -> float:
     return math.nan if value is None else float(value)
 
 
+# Columns of a row that start with "reward_" but are no reward head: the combined reward and the
+# reward phase's wall time (`{phase}_s` for each phase of the iteration).
+TIMING_COLUMNS = tuple(f"{phase}_s" for phase in PHASES)
+NOT_HEADS = ("reward_mean", *TIMING_COLUMNS)
+
+Series = dict[str, tuple[list[float], list[float]]]
+
+
+def reward_heads(rows: list[dict[str, Any]]) -> list[str]:
+    """The reward heads a run logged: every `reward_<head>` column except the combined reward and timings."""
+    return sorted({k[len("reward_"):] for r in rows for k in r if k.startswith("reward_") and k not in NOT_HEADS})
+
+
+def reward_curve_series(rows: list[dict[str, Any]]) -> tuple[Series, Series]:
+    """What `plot_reward_curves` draws: (training, held-out), each {label: (x, y)}.
+
+    Training rewards are drawn against the iteration index. Held-out rewards are drawn against the
+    number of iterations done when they were measured: the base model's score (the first row's
+    `base_eval_*`) at 0, an evaluation after iteration i at i + 1."""
+    heads = reward_heads(rows)
+    iters = [float(r["iteration"]) for r in rows]
+    train: Series = {"combined": (iters, [_value(r, "reward_mean") for r in rows])}
+    for head in heads:
+        train[head] = (iters, [_value(r, f"reward_{head}") for r in rows])
+
+    points: list[tuple[float, dict[str, Any], str]] = []  # (iterations done, row, column prefix)
+    base = next((r for r in rows if "base_eval_reward_mean" in r), None)
+    if base is not None:
+        points.append((0.0, base, "base_eval_reward_"))
+    points += [(float(r["iteration"]) + 1, r, "eval_reward_") for r in rows if "eval_reward_mean" in r]
+    heldout: Series = {}
+    for label, suffix in [("combined", "mean"), *[(h, h) for h in heads]]:
+        measured = [(x, _value(r, prefix + suffix)) for x, r, prefix in points if prefix + suffix in r]
+        if measured:
+            heldout[label] = ([x for x, _ in measured], [y for _, y in measured])
+    return train, heldout
+
+
 def plot_reward_curves(rows: list[dict[str, Any]], out_png: Path, title: str = "") -> Path:
-    """Training reward per head and, where present, held-out evaluation reward, against iteration."""
+    """Training reward per head and, where present, held-out evaluation reward (from the base model on)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    train, heldout = reward_curve_series(rows)
     fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
-    iters = [r["iteration"] for r in rows]
-    heads = sorted({k[len("reward_"):] for r in rows for k in r if k.startswith("reward_") and k != "reward_mean"})
-    ax_train.plot(iters, [_value(r, "reward_mean") for r in rows], label="combined", color="black", linewidth=2)
-    for head in heads:
-        ax_train.plot(iters, [_value(r, f"reward_{head}") for r in rows], label=head, alpha=0.8)
+    for label, (x, y) in train.items():
+        style = {"color": "black", "linewidth": 2} if label == "combined" else {"alpha": 0.8}
+        ax_train.plot(x, y, label=label, **style)
     ax_train.set_title("rollout reward (training groups)")
     ax_train.set_xlabel("iteration")
     ax_train.legend(fontsize=8)
-
-    evals = [r for r in rows if "eval_reward_mean" in r]
-    if evals:
-        ax_eval.plot([r["iteration"] for r in evals], [_value(r, "eval_reward_mean") for r in evals], "o-", color="black", label="combined")
-        for head in heads:
-            key = f"eval_reward_{head}"
-            if any(key in r for r in evals):
-                ax_eval.plot([r["iteration"] for r in evals], [_value(r, key) for r in evals], "o-", alpha=0.8, label=head)
+    for label, (x, y) in heldout.items():
+        style = {"color": "black"} if label == "combined" else {"alpha": 0.8}
+        ax_eval.plot(x, y, "o-", label=label, **style)
+    if heldout:
         ax_eval.legend(fontsize=8)
     ax_eval.set_title("held-out reward")
-    ax_eval.set_xlabel("iteration")
+    ax_eval.set_xlabel("iterations done (0: base model)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from learner.run_log import MetricsLog, plot_reward_curves
+from learner.run_log import MetricsLog, plot_reward_curves, reward_curve_series, reward_heads
 
 
 def _row(i, **extra):
@@ -40,3 +40,30 @@ def test_reward_curve_png_is_written(tmp_path):
     rows = [_row(i, **({"eval_reward_mean": 0.3 * i, "eval_reward_TA": 0.1} if i % 2 == 0 else {})) for i in range(5)]
     out = plot_reward_curves(rows, tmp_path / "reward.png", title="t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_reward_curve_draws_heads_not_timings_and_the_base_score_at_zero():
+    """Rows as the driver writes them: the reward phase's timing `reward_s` beside the heads, the
+    base model's held-out score in the first row, an evaluation after iterations 1 and 3."""
+    rows = [
+        _row(0, reward_VQ=0.5, reward_s=7.0, rollout_s=9.0, base_eval_reward_mean=1.0, base_eval_reward_TA=0.4,
+             base_eval_reward_VQ=0.6),
+        _row(1, reward_VQ=0.6, reward_s=8.0, eval_reward_mean=1.2, eval_reward_TA=0.5, eval_reward_VQ=0.7),
+        _row(2, reward_VQ=0.7, reward_s=9.0),
+        _row(3, reward_VQ=0.8, reward_s=9.5, eval_reward_mean=1.5, eval_reward_TA=0.6, eval_reward_VQ=0.9),
+    ]
+    assert reward_heads(rows) == ["TA", "VQ"]
+    train, heldout = reward_curve_series(rows)
+    assert set(train) == {"combined", "TA", "VQ"}
+    assert train["VQ"] == ([0.0, 1.0, 2.0, 3.0], [0.5, 0.6, 0.7, 0.8])
+    assert train["combined"][1] == [r["reward_mean"] for r in rows]
+    assert set(heldout) == {"combined", "TA", "VQ"}
+    assert heldout["combined"] == ([0.0, 2.0, 4.0], [1.0, 1.2, 1.5])  # base first, then after 2 and 4 iterations
+    assert heldout["TA"] == ([0.0, 2.0, 4.0], [0.4, 0.5, 0.6])
+
+
+def test_reward_head_names_that_clash_with_metrics_columns_are_refused():
+    from learner.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="reward.weights"):
+        load_config(None, ["reward.weights={s: 1.0}"])
