@@ -1,4 +1,4 @@
-"""Writing decoded videos for people: MP4 (GIF where no encoder is available) and contact-sheet PNGs."""
+"""Writing decoded videos for people: MP4 (GIF where no encoder is available), labelled grid MP4s and contact-sheet PNGs."""
 
 from __future__ import annotations
 
@@ -64,3 +64,56 @@ def contact_sheet(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def grid_video(
+    videos: list[np.ndarray], labels: list[str], path: str | Path, fps: float, columns: int | None = None,
+    min_cell_width: int = 192,
+) -> Path:
+    """Several videos tiled into one MP4, each under its label (e.g. the prompt); shorter videos hold their
+    last frame. Small videos are upscaled so a cell is at least `min_cell_width` pixels wide."""
+    if len(videos) != len(labels):
+        raise ValueError(f"{len(videos)} videos but {len(labels)} labels")
+    if not videos:
+        raise ValueError("no video to put in a grid")
+    shapes = {np.asarray(v).shape[1:] for v in videos}
+    if len(shapes) != 1:
+        raise ValueError(f"videos of one grid must share their frame size, got {sorted(shapes)}")
+    width = shapes.pop()[1]
+    upscale = max(1, -(-min_cell_width // width))
+    cells = [_labelled(_upscaled(np.asarray(v), upscale), label) for v, label in zip(videos, labels)]
+    length = max(len(c) for c in cells)
+    cells = [np.concatenate([c, np.repeat(c[-1:], length - len(c), axis=0)]) if len(c) < length else c for c in cells]
+    columns = columns or int(np.ceil(np.sqrt(len(cells))))
+    blank = np.full_like(cells[0], 255)
+    cells += [blank] * (-len(cells) % columns)
+    gap = 2
+    rows = [_join([cells[i + j] for j in range(columns)], axis=2, gap=gap) for i in range(0, len(cells), columns)]
+    grid = _join(rows, axis=1, gap=gap)
+    # H.264 in yuv420p needs even sides.
+    grid = np.pad(grid, ((0, 0), (0, grid.shape[1] % 2), (0, grid.shape[2] % 2), (0, 0)), constant_values=255)
+    return write_video(grid, fps, path)
+
+
+def _join(parts: list[np.ndarray], axis: int, gap: int) -> np.ndarray:
+    shape = list(parts[0].shape)
+    shape[axis] = gap
+    spacer = np.full(shape, 255, np.uint8)
+    pieces = [p for part in parts for p in (part, spacer)][:-1]
+    return np.concatenate(pieces, axis=axis)
+
+
+def _labelled(frames: np.ndarray, label: str, line_height: int = 12, max_lines: int = 2) -> np.ndarray:
+    """`frames` [T, H, W, 3] under a white strip with `label` wrapped to the width (at most `max_lines`)."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    width = frames.shape[2]
+    lines = textwrap.wrap(label, width=max(8, width // 6), max_lines=max_lines, placeholder="...") or [""]
+    strip = Image.new("RGB", (width, line_height * max_lines + 4), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, line in enumerate(lines):
+        draw.text((2, 2 + i * line_height), line, fill="black")
+    strip = np.broadcast_to(np.asarray(strip), (len(frames), *np.asarray(strip).shape))
+    return np.concatenate([strip, frames], axis=1)
