@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import ray
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
@@ -35,6 +34,7 @@ from learner.checkpoint import latest_checkpoint
 from learner.config import Config
 from learner.learner_actor import Learner
 from learner.metrics import ProjectMetrics
+from learner.ray_cluster import init_ray
 from learner.rollout_fleet import RolloutFleet, wait_for_store
 from learner.scale import ScaleRequestError, read_scale_request
 from replay import URL_ENV as REPLAY_URL_ENV, ReplayUnavailableError, open_store, with_store_option
@@ -43,25 +43,6 @@ from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask
 from rollout_workers.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
-
-
-def init_ray(num_cpus_needed: float) -> None:
-    """Attach to the cluster RAY_ADDRESS names (as inside `ray job submit`), else start a local one
-    with enough CPU slots for every actor (oversubscribing a small machine on purpose)."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        have = ray.cluster_resources().get("CPU", 0.0)
-        if have < num_cpus_needed:  # not an error: an autoscaler may still add nodes
-            log.warning(
-                "the Ray cluster has %g CPU slots but this run's actors ask for %g (rollout.num_workers x "
-                "rollout.num_cpus_per_worker + reward.num_actors + 1 for the learner); they wait until the "
-                "cluster has them. Start the head with `ray start --num-cpus %d` or lower rollout.num_workers "
-                "/ rollout.num_cpus_per_worker.", have, num_cpus_needed, int(np.ceil(num_cpus_needed)),
-            )
-    else:
-        ray.init(num_cpus=max(int(np.ceil(num_cpus_needed)), os.cpu_count() or 1), include_dashboard=False)
 
 
 class LearnerRestored(RuntimeError):
@@ -116,7 +97,7 @@ class System:
         request = _read_request(output)
         num_workers = (request and request.rollout_workers) or rollout.num_workers
         num_reward_actors = (request and request.reward_actors) or reward.num_actors
-        init_ray(num_workers * rollout.num_cpus_per_worker + num_reward_actors + 1)
+        init_ray(num_workers * rollout.num_cpus_per_worker + num_reward_actors + 1, config.run.dashboard_port)
         base_url = config.replay.url or os.environ.get(REPLAY_URL_ENV) or (output / "replay").resolve().as_uri()
         # Every process that opens the store (learner, rollout workers) gets the configured queue bound.
         store_url = with_store_option(base_url, "max_queue_len", config.replay.max_queue_groups)
