@@ -3,7 +3,8 @@
 This is what one reward actor runs; it is plain Python so it can also run in-process.
 A model that raises on a batch is re-run on each sample alone, so one bad video does not
 invalidate the rest. NaN/inf, a missing head or a wrongly shaped output marks only the samples
-concerned invalid, with a reason; nothing is ever replaced by zero.
+concerned invalid, with a reason; nothing is ever replaced by zero. A model that knows why it left a
+sample NaN says so in `last_errors` ({index in the call: reason}); that reason is then reported.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ NON_FINITE = "non_finite"
 EXCEPTION = "exception"
 BAD_OUTPUT = "bad_output"
 BATCH_FAILED = "batch_failed"
+UNSCORED = "unscored"  # the model left the sample NaN and said why (e.g. its reward server failed)
 
 
 class RewardOutputError(ValueError):
@@ -73,9 +75,12 @@ def score_isolated(
     problems: list[list[str]] = [[] for _ in range(n)]
 
     for model in models:
-        failed = _score_model(model, videos, prompts, values, problems)
+        failed, explained = _score_model(model, videos, prompts, values, problems)
         for i in range(n):
             if i in failed:
+                continue
+            if i in explained and not all(math.isfinite(values[h][i]) for h in model.heads):
+                problems[i].append(f"{UNSCORED}: {model.name}: {explained[i]}")
                 continue
             for head in model.heads:
                 v = values[head][i]
@@ -98,19 +103,20 @@ def _score_model(
     prompts: Sequence[str],
     values: dict[str, np.ndarray],
     problems: list[list[str]],
-) -> set[int]:
-    """Fill `values` for one model; return the indices it could not score (reasons appended)."""
+) -> tuple[set[int], dict[int, str]]:
+    """Fill `values` for one model; return the indices it could not score (reasons appended) and the
+    model's own reasons for the samples it left NaN."""
     try:
         out = checked_score(model, videos, prompts)
     except Exception as exc:
         if len(videos) == 1:
             problems[0].append(_describe(model, exc))
-            return {0}
+            return {0}, {}
     else:
         for head, v in out.items():
             values[head][:] = v
-        return set()
-    failed = set()
+        return set(), _model_errors(model, len(videos))
+    failed, explained = set(), {}
     for i in range(len(videos)):  # the batch failed: find out which samples are at fault
         try:
             out = checked_score(model, videos[i : i + 1], prompts[i : i + 1])
@@ -120,7 +126,16 @@ def _score_model(
             continue
         for head, v in out.items():
             values[head][i] = v[0]
-    return failed
+        if 0 in (errors := _model_errors(model, 1)):
+            explained[i] = errors[0]
+    return failed, explained
+
+
+def _model_errors(model: RewardModel, n: int) -> dict[int, str]:
+    errors = getattr(model, "last_errors", None)
+    if not isinstance(errors, dict):
+        return {}
+    return {i: str(reason) for i, reason in errors.items() if isinstance(i, int) and 0 <= i < n}
 
 
 def _describe(model: RewardModel, exc: BaseException) -> str:

@@ -49,3 +49,25 @@ def test_one_failing_sample_does_not_invalidate_the_batch():
 def test_two_rewards_may_not_share_a_head():
     with pytest.raises(ValueError, match="head 'R' of reward 'toy_brightness'"):
         score_isolated([BrightnessReward(), BrightnessReward()], _videos(1), ["a"])
+
+
+class Explains(RewardModel):
+    """NaN for "SKIP" samples, saying why in last_errors; raises for a batch holding "RAISE"."""
+
+    name, heads = "explains", ("z",)
+
+    def score(self, videos, prompts):
+        if len(prompts) > 1 and any("RAISE" in p for p in prompts):
+            raise ValueError("batch refused")
+        self.last_errors = {i: f"skipped {p}" for i, p in enumerate(prompts) if "SKIP" in p}
+        return {"z": np.array([np.nan if "SKIP" in p else 1.0 for p in prompts])}
+
+
+def test_a_models_own_reason_for_a_nan_is_reported_at_the_right_sample():
+    results = score_isolated([Explains()], _videos(3), ["a", "SKIP-1", "b"])
+    assert [r.valid for r in results] == [True, False, True]
+    assert results[1].reason == "unscored: explains: skipped SKIP-1"
+    # After a failed batch the samples are re-scored one by one: index 0 of each call maps back.
+    results = score_isolated([Explains()], _videos(3), ["RAISE", "b", "SKIP-2"])
+    assert [r.valid for r in results] == [True, True, False]
+    assert results[2].reason == "unscored: explains: skipped SKIP-2"
