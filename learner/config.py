@@ -138,6 +138,23 @@ class RunSettings(_Section):
     checkpoint_every: int = Field(10, ge=1)
     learner_num_gpus: float = Field(0.0, ge=0)
     learner_resources: dict[str, float] = Field(default_factory=dict)  # e.g. {"learner_gpu": 1}
+    # Where metrics, the config, sample videos and the reward curve go (learner/trackers.py). jsonl is
+    # metrics.jsonl, which resuming and reward_curve.png read, so it is always on.
+    trackers: list[Literal["jsonl", "tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["jsonl", "tensorboard"])
+    mlflow_tracking_uri: str | None = None  # None: a file store under the output directory (mlruns/)
+    mlflow_experiment: str = "arcopo"
+    wandb_project: str = "arcopo"
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: a run directory under the output, `wandb sync` later
+    # Ray dashboard of a local cluster on 127.0.0.1 (None: no dashboard); ignored when attaching to RAY_ADDRESS.
+    dashboard_port: int | None = Field(8265, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _check_trackers(self) -> "RunSettings":
+        if "jsonl" not in self.trackers:
+            raise ValueError("run.trackers must include jsonl: resuming and reward_curve.png read metrics.jsonl")
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"run.trackers lists a tracker twice: {self.trackers}")
+        return self
 
 
 class Config(_Section):

@@ -34,11 +34,14 @@ from learner.config import Config, ConfigError, dump_config, load_config
 from learner.run_log import MetricsLog, plot_reward_curves
 from learner.system import LearnerRestored, System
 from learner.task_sampler import TaskSampler, eval_set, load_prompts
+from learner.trackers import Media, Trackers
+from policy.pocket.domain import FPS as POCKET_FPS
 from policy.presets import get_preset
-from policy.video_io import contact_sheet
+from policy.video_io import contact_sheet, grid_video
 from reward_service.multi_reward import combine
 
 log = logging.getLogger("learner")
+WAN_FPS = 16.0  # Wan2.1's videos play at 16 frames a second
 
 
 def train(
@@ -61,12 +64,15 @@ def train(
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(dump_config(config))
     metrics_log = MetricsLog(output / "metrics.jsonl")
+    trackers = Trackers.open(config, output, metrics_log)  # metrics.jsonl and run.trackers' others
+    trackers.log_config(config, dump_config(config))
     alg, run = config.algorithm, config.run
     sampler = TaskSampler(config, load_prompts(config.rollout.prompts), get_preset(config.policy.preset).num_chunks, output.name)
     eval_prompts, eval_seeds = eval_set(load_prompts(config.rollout.eval_prompts), run.eval_seeds, run.eval_prompts_limit, run.seed)
 
-    system = System.start(config, output, **system_options)
+    system = None
     try:
+        system = System.start(config, output, **system_options)
         start = 0
         if resume:
             start = int(system.restore()["iteration"])
@@ -75,7 +81,7 @@ def train(
         if alg.mode != "on_policy":
             buffer = system.fill_reference_buffer(sampler.reference_tasks(config.replay.buffer_groups))
             log.info("reference buffer: %s", buffer)
-        baseline = None if resume else evaluate(system, config, eval_prompts, eval_seeds, output, tag="base")
+        baseline, base_media = (None, []) if resume else evaluate(system, config, eval_prompts, eval_seeds, output, tag="base")
 
         progress = tqdm(desc=f"{alg.objective}/{alg.mode}", initial=start, total=run.iterations)
         iteration = start
@@ -93,14 +99,17 @@ def train(
                     summaries = []
                     stats = system.update_from_buffer(alg.groups_per_iteration)  # 7-9 on reference groups
                 row = iteration_row(config, iteration, stats, summaries, system.timings, time.perf_counter() - t0)
+                media = base_media if iteration == start else []
                 last = iteration + 1 == run.iterations
                 if (run.eval_every and (iteration + 1) % run.eval_every == 0) or last:
                     if alg.mode != "on_policy":
                         system.broadcast()
-                    row.update(evaluate(system, config, eval_prompts, eval_seeds, output, tag=f"iter_{iteration + 1:06d}"))
+                    scores, samples = evaluate(system, config, eval_prompts, eval_seeds, output, tag=f"iter_{iteration + 1:06d}")
+                    row.update(scores)
+                    media = media + samples
                 if baseline is not None and iteration == start:
                     row.update({f"base_{k}": v for k, v in baseline.items()})
-                metrics_log.append(row)
+                trackers.log_iteration(row, media)  # metrics.jsonl, TensorBoard, MLflow, W&B
                 system.metrics.record_iteration(
                     iteration=iteration, policy_version=stats["policy_version"], loss=_finite(stats["loss"]),
                     clip_fraction=_finite(stats["clip_fraction"]), reward_mean={"combined": _finite(row["reward_mean"])},
@@ -124,10 +133,13 @@ def train(
         progress.close()
         rows = metrics_log.read()
         if rows:
-            plot_reward_curves(rows, output / "reward_curve.png", title=f"{alg.objective} {alg.mode} ({config.policy.preset})")
+            curve = plot_reward_curves(rows, output / "reward_curve.png", title=f"{alg.objective} {alg.mode} ({config.policy.preset})")
+            trackers.log_media([Media("image", "reward_curve", curve)], step=rows[-1]["iteration"])
         return rows
     finally:
-        system.shutdown()
+        trackers.close()
+        if system is not None:
+            system.shutdown()
 
 
 def iteration_row(config: Config, iteration: int, stats: dict, summaries: list, timings: dict, seconds: float) -> dict:
@@ -157,18 +169,23 @@ def iteration_row(config: Config, iteration: int, stats: dict, summaries: list, 
     return row
 
 
-def evaluate(system: System, config: Config, prompts: list[str], seeds: list[int], output: Path, tag: str) -> dict:
-    """Mean held-out reward (per head and combined) of the current policy; writes a contact sheet."""
+def evaluate(system: System, config: Config, prompts: list[str], seeds: list[int], output: Path,
+             tag: str) -> tuple[dict, list[Media]]:
+    """Mean held-out reward (per head and combined) of the current policy; writes a contact sheet and
+    a grid MP4 of the first samples, and returns the MP4 for the trackers."""
     results, frames = system.evaluate(prompts, seeds, keep_frames=min(6, len(prompts)))
     weights = config.reward.weights
     valid = [r for r in results if r.valid]
     out = {f"eval_reward_{h}": _mean([r.rewards[h] for r in valid]) for h in weights}
     out["eval_reward_mean"] = _mean([float(combine({h: [r.rewards[h]] for h in weights}, weights)[0]) for r in valid])
     out["eval_invalid"] = len(results) - len(valid)
+    media = []
     if frames:
         labels = [f"{r.prompt} (seed {r.seed})" for r in results[: len(frames)]]
         contact_sheet(frames, labels, output / "samples" / f"{tag}.png")
-    return out
+        fps = POCKET_FPS if config.policy.preset == "pocket" else WAN_FPS
+        media.append(Media("video", "heldout_samples", grid_video(frames, labels, output / "samples" / f"{tag}.mp4", fps), fps))
+    return out, media
 
 
 def _mean(values: list[float]) -> float:
