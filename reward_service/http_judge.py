@@ -76,12 +76,15 @@ class JudgeOptions(BaseModel):
         return self
 
     def heads(self, declared: list[str] | None) -> tuple[str, ...]:
-        """The heads: the template dict's keys, or `declared` (default ["score"])."""
+        """The heads: the template dict's keys, else `declared`, else a parser dict's keys, else ("score",)."""
         if isinstance(self.template, dict):
             if declared is not None and list(declared) != list(self.template):
                 raise ValueError(f"heads {declared} differ from the judge's template heads {list(self.template)}")
             return tuple(self.template)
-        return tuple(declared or ["score"])
+        if declared:
+            return tuple(declared)
+        parser = self.score_regex if self.score_regex is not None else self.score_json
+        return tuple(parser) if isinstance(parser, dict) else ("score",)
 
     def requests_for(self, heads: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
         """(template, heads read from its reply) per request of one video."""
