@@ -196,7 +196,9 @@ class VideoAlignReward(RewardModel):
         input_ids = inputs["input_ids"]
         b, length = input_ids.shape
         positions = torch.arange(length, device=self.device).view(1, 1, -1).expand(3, b, -1)
-        hidden = self.backbone(**inputs, position_ids=positions).last_hidden_state
+        # use_cache=False: transformers 5 defaults it to config.use_cache (True), which would build a
+        # KV cache of the whole sequence on every scoring forward only to discard it.
+        hidden = self.backbone(**inputs, position_ids=positions, use_cache=False).last_hidden_state
         rows = []
         for k, token_id in enumerate(self.reward_token_ids):
             where = input_ids == token_id
