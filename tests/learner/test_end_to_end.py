@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 
+import imageio.v3 as iio
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from learner.config import load_config
 from learner.main import train
 from policy.lora import PEFT_KEY_PREFIX
+from policy.pocket.domain import NUM_FRAMES
 
 SMALL = [
     "rollout.num_workers=2",
@@ -44,6 +47,15 @@ def test_on_policy_runs_writes_its_outputs_and_resumes(ray_local, tmp_path, untr
     assert rows[-1]["groups"] == 2 and "eval_reward_mean" in rows[-1]
     assert (out / "reward_curve.png").stat().st_size > 5000
     assert (out / "samples" / "base.png").is_file()
+    for tag in ("base", "iter_000002"):  # the held-out grid videos: both prompts (one from each worker) side by side
+        video = iio.imread(out / "samples" / f"{tag}.mp4")
+        assert video.shape[0] == NUM_FRAMES and video.shape[2] == 2 * 192 + 2, (tag, video.shape)
+    # The default trackers: TensorBoard's scalars are metrics.jsonl's columns, the samples its videos.
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    for key in ("reward_mean", "reward_VQ", "loss", "clip_fraction", "policy_version", "reward_s", "base_eval_reward_mean"):
+        logged = [(r["iteration"], r[key]) for r in rows if r.get(key) is not None]
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(key)] == logged, key
+    assert [e.step for e in events.Images("heldout_samples")] == [0, 1] and [e.step for e in events.Images("reward_curve")] == [1]
     saved = _adapter(out / "checkpoints" / "iter_000002")
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k), "training left the LoRA B at zero"
     state = json.loads((out / "checkpoints" / "iter_000002" / "state.json").read_text())
