@@ -6,8 +6,8 @@
                        -> ScoreResponse   {"heads": [...], "scores": {head: [float | null]}, "errors": [str | null]}
 
 A video is sent as raw uint8 frames (`format: "frames"`, `shape: [T, H, W, 3]`, base64 of the
-C-order bytes: exact) or as an H.264 MP4 file (`format: "mp4"`, base64 of the file: about 10-100x
-smaller, lossy). A score the server could not compute is `null` (JSON has no NaN), and `errors[i]`
+C-order bytes: exact) or as an H.264 MP4 file (`format: "mp4"`, base64 of the file: lossy, and
+21x smaller on 32x32 pocket videos, 470x on a smooth 33x240x416 clip, 4x on pure noise). A score the server could not compute is `null` (JSON has no NaN), and `errors[i]`
 then says why; the client turns both into an invalid reward for that video.
 """
 
