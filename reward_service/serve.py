@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -63,7 +64,10 @@ def make_app(model: RewardModel, *, auth_token: str | None = None, max_request_m
             except ValueError as exc:
                 return _error(400, f"videos[{i}]: {exc}")
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         results = await loop.run_in_executor(executor, score_isolated, [model], videos, body.prompts, f"serve:{model.name}")
+        invalid = sum(not r.valid for r in results)
+        log.info("scored %d videos in %.2f s (%d invalid)", len(results), time.monotonic() - started, invalid)
         values = {h: [r.scores[h] for r in results] for h in model.heads}
         reply = scores_response(model.heads, values, [None if r.valid else r.reason for r in results])
         return web.Response(text=reply.model_dump_json(), content_type="application/json")
