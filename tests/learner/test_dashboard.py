@@ -1,15 +1,18 @@
-"""A local run's Ray start-up: the dashboard on 127.0.0.1, its URL printed and answering; a dashboard
-that cannot start leaves a running Ray without it and a logged reason."""
+"""A local run's Ray start-up: the dashboard on 127.0.0.1, its URL printed and answering during the
+run; a dashboard that cannot start leaves a running Ray without it and a logged reason."""
 
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import urllib.request
 
 import pytest
 import ray
 
+from learner.config import load_config
+from learner.main import train
 from learner.ray_cluster import init_ray
 
 
@@ -27,15 +30,6 @@ def no_ray(monkeypatch):
     ray.shutdown()
 
 
-def test_a_local_start_prints_the_dashboard_url_and_it_answers(no_ray, capsys):
-    port = _free_port()
-    url = init_ray(1, dashboard_port=port)
-    assert url == f"http://127.0.0.1:{port}"
-    assert f"Ray dashboard: {url}" in capsys.readouterr().out
-    with urllib.request.urlopen(url, timeout=30) as response:
-        assert response.status == 200 and b"Ray Dashboard" in response.read()
-
-
 def test_a_dashboard_that_cannot_start_is_logged_and_ray_runs_without_it(no_ray, caplog):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -45,3 +39,20 @@ def test_a_dashboard_that_cannot_start_is_logged_and_ray_runs_without_it(no_ray,
     assert url is None and ray.is_initialized()
     assert "dashboard could not start" in caplog.text and "occupied" in caplog.text
     assert ray.get(ray.remote(lambda: 7).remote()) == 7
+
+
+@pytest.mark.slow
+def test_a_run_prints_the_dashboard_url_and_it_answers_during_the_run(no_ray, tmp_path, capsys, untrained_pocket_weights):
+    port = _free_port()
+    answers = []
+
+    def probe(system, row):
+        url = re.search(r"Ray dashboard: (\S+)", capsys.readouterr().out).group(1)
+        with urllib.request.urlopen(url, timeout=30) as response:
+            answers.append((url, response.status, b"Ray Dashboard" in response.read()))
+
+    small = ["rollout.num_workers=1", "algorithm.group_size=2", "algorithm.anchors_per_group=1",
+             "algorithm.groups_per_iteration=1", "lora.rank=2", "lora.alpha=4", "run.eval_prompts_limit=1",
+             "run.iterations=1", f"run.dashboard_port={port}", f"policy.transformer_checkpoint={untrained_pocket_weights}"]
+    train(load_config(None, small), tmp_path / "run", on_iteration=probe)
+    assert answers == [(f"http://127.0.0.1:{port}", 200, True)]
