@@ -1,6 +1,7 @@
 """Starting Ray for a run: attach to the cluster RAY_ADDRESS names, or start a local one with its
-dashboard on 127.0.0.1 (the URL is printed; the dashboard shows the actors, their logs and, with
-Prometheus and Grafana set up, the project's metrics)."""
+dashboard on 127.0.0.1. Both URLs are printed: the dashboard (actors, tasks, logs, and the project's
+metrics on its Metrics page once Prometheus and Grafana are set up) and the node's Prometheus
+endpoint, which serves the run's `ray_arcopo_*` series as they are recorded."""
 
 from __future__ import annotations
 
@@ -47,6 +48,16 @@ def init_ray(num_cpus_needed: float, dashboard_port: int | None = 8265) -> str |
                 print(f"Ray dashboard: {url}", flush=True)
             else:
                 log.warning("Ray started without its dashboard (its packages are missing?); the run goes on")
+            _print_metrics_url()
             return url
     ray.init(num_cpus=num_cpus, include_dashboard=False)
+    _print_metrics_url()
     return None
+
+
+def _print_metrics_url() -> None:
+    """The node's Prometheus endpoint, where the run's `ray_arcopo_*` series are (the dashboard's
+    Metrics page draws them once Prometheus and Grafana scrape it: deploy/grafana/)."""
+    port = next((n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive")), None)
+    if port:
+        print(f"Prometheus metrics (ray_arcopo_*): http://127.0.0.1:{port}/metrics", flush=True)

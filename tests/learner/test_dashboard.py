@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import time
 import urllib.request
 
 import pytest
@@ -46,8 +47,11 @@ def test_a_run_prints_the_dashboard_url_and_it_answers_during_the_run(no_ray, tm
     port = _free_port()
     answers = []
 
+    answers_text = []
+
     def probe(system, row):
-        url = re.search(r"Ray dashboard: (\S+)", capsys.readouterr().out).group(1)
+        answers_text.append(capsys.readouterr().out)
+        url = re.search(r"Ray dashboard: (\S+)", answers_text[0]).group(1)
         with urllib.request.urlopen(url, timeout=30) as response:
             answers.append((url, response.status, b"Ray Dashboard" in response.read()))
 
@@ -56,3 +60,11 @@ def test_a_run_prints_the_dashboard_url_and_it_answers_during_the_run(no_ray, tm
              "run.iterations=1", f"run.dashboard_port={port}", f"policy.transformer_checkpoint={untrained_pocket_weights}"]
     train(load_config(None, small), tmp_path / "run", on_iteration=probe)
     assert answers == [(f"http://127.0.0.1:{port}", 200, True)]
+
+    # The run's metrics on the node's Prometheus endpoint (printed too); processes report every 10 s.
+    metrics_url = re.search(r"Prometheus metrics \(ray_arcopo_\*\): (\S+)", answers_text[0]).group(1)
+    deadline, text = time.monotonic() + 60, ""
+    while "ray_arcopo_policy_version" not in text and time.monotonic() < deadline:
+        time.sleep(1)
+        text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    assert re.search(r"^ray_arcopo_policy_version\{.*\} 1\.0$", text, re.M), text[-2000:]
