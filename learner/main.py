@@ -63,15 +63,15 @@ def train(
         )
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(dump_config(config))
-    metrics_log = MetricsLog(output / "metrics.jsonl")
-    trackers = Trackers.open(config, output, metrics_log)  # metrics.jsonl and run.trackers' others
-    trackers.log_config(config, dump_config(config))
     alg, run = config.algorithm, config.run
     sampler = TaskSampler(config, load_prompts(config.rollout.prompts), get_preset(config.policy.preset).num_chunks, output.name)
     eval_prompts, eval_seeds = eval_set(load_prompts(config.rollout.eval_prompts), run.eval_seeds, run.eval_prompts_limit, run.seed)
+    metrics_log = MetricsLog(output / "metrics.jsonl")
+    trackers = Trackers.open(config, output, metrics_log)  # metrics.jsonl and run.trackers' others
 
     system = None
     try:
+        trackers.log_config(config, dump_config(config))
         system = System.start(config, output, **system_options)
         start = 0
         if resume:

@@ -223,10 +223,8 @@ class Trackers:
 
     def log_iteration(self, row: dict[str, Any], media: list[Media] = ()) -> None:
         """One iteration's metrics row and the files made during it (samples, plots), at step `row["iteration"]`."""
-        step = int(row["iteration"])
-        self._each("log_row", row, step)
-        for item in media:
-            self._each("log_media", item, step)
+        self._each("log_row", row, int(row["iteration"]))
+        self.log_media(media, int(row["iteration"]))
 
     def log_media(self, media: list[Media], step: int) -> None:
         for item in media:
