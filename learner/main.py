@@ -67,7 +67,7 @@ def train(
     sampler = TaskSampler(config, load_prompts(config.rollout.prompts), get_preset(config.policy.preset).num_chunks, output.name)
     eval_prompts, eval_seeds = eval_set(load_prompts(config.rollout.eval_prompts), run.eval_seeds, run.eval_prompts_limit, run.seed)
     metrics_log = MetricsLog(output / "metrics.jsonl")
-    trackers = Trackers.open(config, output, metrics_log)  # metrics.jsonl and run.trackers' others
+    trackers = Trackers.open(config, output, metrics_log, resume)  # metrics.jsonl and run.trackers' others
 
     system = None
     try:

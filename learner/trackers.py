@@ -11,6 +11,7 @@ in one is logged and that tracker is disabled for the rest of the run.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ from learner.config import Config
 from learner.run_log import MetricsLog
 
 log = logging.getLogger(__name__)
+TRACKER_RUNS_FILE = "tracker_runs.json"
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ class MlflowTracker(Tracker):
 
     name = "mlflow"
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str):
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, run_id: str | None = None):
         if tracking_uri.startswith("file:"):
             # MLflow 3 keeps its file store only behind this opt-in; a local file store needs no server.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -137,6 +139,10 @@ class MlflowTracker(Tracker):
 
         self._metric, self._param = Metric, Param
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        if run_id is not None:  # a resumed training run goes on in its MLflow run
+            self.run_id = self.client.get_run(run_id).info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
@@ -164,13 +170,16 @@ class MlflowTracker(Tracker):
 class WandbTracker(Tracker):
     name = "wandb"
 
-    def __init__(self, directory: Path, project: str, mode: str, run_name: str, config: dict[str, Any]):
+    def __init__(self, directory: Path, project: str, mode: str, run_name: str, config: dict[str, Any],
+                 run_id: str | None = None):
         import wandb
 
         self._wandb = wandb
         directory.mkdir(parents=True, exist_ok=True)
+        # A resumed training run goes on under its W&B run id (offline: `wandb sync` joins the parts).
         self.run = wandb.init(project=project, mode=mode, dir=str(directory), name=run_name, config=config,
-                              reinit="create_new")
+                              id=run_id, resume="allow" if run_id else None, reinit="create_new")
+        self.run_id = self.run.id
 
     def log_row(self, row, step):
         self.run.log(scalars(row), step=step)
@@ -192,16 +201,18 @@ class Trackers:
         self.disabled: dict[str, str] = {}  # tracker name -> the error that disabled it
 
     @classmethod
-    def open(cls, config: Config, output: Path, metrics_log: MetricsLog) -> "Trackers":
-        """The trackers `run.trackers` names; one that cannot start is logged and left out."""
-        run = config.run
+    def open(cls, config: Config, output: Path, metrics_log: MetricsLog, resume: bool = False) -> "Trackers":
+        """The trackers `run.trackers` names; one that cannot start is logged and left out. The MLflow
+        and W&B run ids go to `<output>/tracker_runs.json`, so that `resume` continues those runs."""
+        run, ids_file = config.run, output / TRACKER_RUNS_FILE
+        ids = json.loads(ids_file.read_text()) if resume and ids_file.is_file() else {}
         makers = {
             "jsonl": lambda: JsonlTracker(metrics_log),
             "tensorboard": lambda: TensorBoardTracker(output / "tensorboard"),
             "mlflow": lambda: MlflowTracker(run.mlflow_tracking_uri or (output / "mlruns").resolve().as_uri(),
-                                            run.mlflow_experiment, output.name),
+                                            run.mlflow_experiment, output.name, ids.get("mlflow")),
             "wandb": lambda: WandbTracker(output, run.wandb_project, run.wandb_mode, output.name,
-                                          config.model_dump(mode="json")),
+                                          config.model_dump(mode="json"), ids.get("wandb")),
         }
         trackers, failed = [], {}
         for name in run.trackers:
@@ -210,6 +221,9 @@ class Trackers:
             except Exception as err:  # an uninstalled package, an unreachable tracking server, ...
                 log.error("tracker %s could not start and is disabled for this run: %s", name, _describe(err))
                 failed[name] = _describe(err)
+        ids.update({t.name: t.run_id for t in trackers if getattr(t, "run_id", None)})
+        if ids:
+            ids_file.write_text(json.dumps(ids) + "\n")
         fanout = cls(trackers)
         fanout.disabled.update(failed)
         return fanout

@@ -55,6 +55,18 @@ def _run_all(tmp_path, trackers):
     return config, out
 
 
+RESUMED = {**ROWS[1], "iteration": 2, "reward_mean": 1.875, "policy_version": 3}
+
+
+def _resume(out, trackers):
+    """`--resume` into the same output: the trackers open again and log the next iteration."""
+    config = load_config(None, [f"run.trackers={trackers}", "run.iterations=3"])
+    fanout = Trackers.open(config, out, MetricsLog(out / "metrics.jsonl"), resume=True)
+    fanout.log_iteration(RESUMED)
+    fanout.close()
+    assert not fanout.disabled, fanout.disabled
+
+
 def test_tensorboard_holds_the_rows_config_video_and_curve(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -93,6 +105,12 @@ def test_mlflow_file_store_holds_the_rows_config_and_media(tmp_path):
     assert listed == {"heldout_samples/iter.mp4", "reward_curve/reward_curve.png"}
     config_copy = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert open(config_copy).read() == "run:\n  iterations: 2\n"
+
+    _resume(out, "[jsonl, mlflow]")  # goes on in the same MLflow run
+    (resumed,) = client.search_runs([run.info.experiment_id])
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "reward_mean")) == [
+        (0, 1.5), (1, 1.75), (2, 1.875)]
 
 
 def _wandb_records(path):
@@ -147,6 +165,11 @@ def test_wandb_offline_run_holds_the_rows_config_and_media(tmp_path):
     logged = {u.key: json.loads(u.value_json) for u in run_record.config.update}
     assert logged["algorithm"]["learning_rate"] == config.algorithm.learning_rate
     assert run_record.display_name == "run"
+
+    time.sleep(1.1)  # W&B names an offline part by its start second: two parts in one second would share it
+    _resume(out, "[jsonl, wandb]")  # a second offline part under the same run id, for `wandb sync`
+    parts = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(parts) == 2 and all(p.name.endswith("-" + run_record.run_id) for p in parts)
 
 
 class _Recorder(Tracker):
