@@ -88,8 +88,9 @@ class StreamingVideoPolicy:
     def num_steps(self) -> int:
         return self.sampler.num_steps
 
-    def timesteps(self) -> torch.Tensor:
-        return self.sampler.timesteps(self.device)
+    def timesteps(self, chunk: int | None = None) -> torch.Tensor:
+        """``[T_chunk]``: chunk 0 may have a step list of its own (``SamplerConfig.first_chunk_step_list``)."""
+        return self.sampler.timesteps(self.device, chunk)
 
     def new_cache(self, batch_size: int = 1) -> KVCache:
         return KVCache.for_model(

@@ -64,11 +64,11 @@ def denoise_chunk(
     """Denoise one chunk in ``T`` steps, then write its clean x0 into ``cache`` (``T + 1`` forwards).
 
     ``noise``: the chunk's initial noise ``[B, f, C, H, W]``; ``renoise_draw(k)`` gives the draw used
-    after step ``k``. Returns the clean chunk and, with ``record``, the per-step inputs and x0
+    after step ``k``. ``T`` is the step list of chunk ``start_frame // f`` (chunk 0 may have its own). Returns the clean chunk and, with ``record``, the per-step inputs and x0
     predictions ``[B, T, f, C, H, W]``.
     """
     model = policy.transformer
-    timesteps = policy.timesteps()
+    timesteps = policy.timesteps(chunk=start_frame // policy.frames_per_chunk)  # the chunk's own step list
     sigmas = policy.sampler.sigmas(timesteps)
     b, f = noise.shape[:2]
     x = noise.to(policy.device, policy.dtype)
@@ -173,7 +173,7 @@ def rollout_group(
         pivot=pivot,
         prefix_latents=prefix_latents,
         pivot_inputs=torch.cat(pivot_inputs),
-        timesteps=policy.timesteps(),
+        timesteps=policy.timesteps(chunk=pivot),
         pivot_x0=torch.cat(pivot_x0),
         forward_passes=model.sample_forwards - before,
         group_size=g,
