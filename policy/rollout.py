@@ -132,6 +132,11 @@ def rollout_group(
     before = model.sample_forwards
     f, pivot, g = policy.frames_per_chunk, group_plan.pivot, group_plan.group_size
     base = group_plan.base
+    if group_plan.exploration == "renoise" and policy.sampler.chunk_num_steps(pivot) < 2:
+        raise ValueError(
+            f"re-noise exploration (SDE-GRPO) needs >= 2 steps in the pivot chunk; chunk {pivot} has "
+            f"{policy.sampler.step_list(pivot)}: pick a pivot with more steps (e.g. chunk 0 of a Causal-Forcing++ preset)"
+        )
 
     prefix_cache = policy.new_cache(1)
     prefix = []
