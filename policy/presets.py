@@ -233,6 +233,19 @@ register_preset(
         **_REAL,
     )
 )
+register_preset(
+    PolicyPreset(
+        name="longlive-1.3b-long",
+        description="LongLive v1 as its inference runs (longlive_inference.yaml): 120 latent frames (40 chunks), "
+        "window 12 with 3 sink frames; the cache never holds more than the window",
+        frames_per_chunk=3,
+        num_chunks=40,
+        local_window=12,
+        sink_frames=3,
+        checkpoint_kind="longlive",
+        **_REAL,
+    )
+)
 
 _TINY = dict(transformer=TINY_TRANSFORMER, latent_shape=(4, 8, 8), checkpoint_kind="random")
 register_preset(PolicyPreset(name="tiny", description="test size, 3-frame chunks", frames_per_chunk=3, num_chunks=3, **_TINY))
