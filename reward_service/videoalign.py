@@ -37,7 +37,6 @@ from reward_service.videoalign_checkpoint import (
     read_model_config,
     reward_state_dict,
 )
-from reward_service.videoalign_rotary import ROTARY_PRECISIONS, apply_rotary_precision
 from reward_service.videoalign_inputs import (
     CLIP_MEAN,
     CLIP_STD,
@@ -48,6 +47,7 @@ from reward_service.videoalign_inputs import (
     chat_text,
     video_patches,
 )
+from reward_service.videoalign_rotary import ROTARY_PRECISIONS, apply_rotary_precision
 
 log = logging.getLogger(__name__)
 HEADS = ("VQ", "MQ", "TA")

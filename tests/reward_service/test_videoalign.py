@@ -38,7 +38,9 @@ def lora_ckpt(tmp_path_factory):
 
 def _reference_scores(ckpt, model: VideoAlignReward, videos, prompts) -> np.ndarray:
     """Each sample alone through the PEFT-wrapped source model (LoRA unmerged), read at the reward
-    tokens with sequential positions: rm_head.weight[0 or k] . h_k."""
+    tokens with sequential positions: rm_head.weight[0 or k] . h_k. The source model keeps transformers 5's
+    float32 rotary, so the loader is compared with rotary_precision="float32" (the trained bf16 rotary is
+    tested in test_videoalign_rotary.py)."""
     peft_inner = ckpt.reference.base_model.model
     head = peft_inner.rm_head.weight
     out = []
