@@ -112,9 +112,16 @@ def test_a_group_records_and_replays_its_pivot_chunks_own_list(tmp_path, pivot):
             for k in range(T):
                 x0 = replay_pivot_chunk(policy, text, group.prefix_latents, group.pivot_inputs[:, k], group.timesteps[k])
                 assert (x0 - group.pivot_x0[:, k]).abs().max() < 1e-5
-    renoise_group = rollout_group(policy, text, plan.fork_renoise(pivot, 3))
+    group_plan = plan.fork_renoise(pivot, 3)
+    renoise_group = rollout_group(policy, text, group_plan)
     gap = (renoise_group.pivot_inputs[1] - renoise_group.pivot_inputs[0]).flatten(1).abs().amax(1)
     assert gap[0] == 0 and gap[1] > 1e-2  # SDE-GRPO: branches part at the pivot's first re-noise
+    # The recorded transitions are the ones SDE-GRPO scores with sigmas of the recorded timesteps:
+    # x_{k+1} = (1 - s_{k+1}) x0_k + s_{k+1} eps_k, eps_k the branch's k-th draw of the plan.
+    s = renoise_group.timesteps.double() / 1000.0
+    for k in range(len(s) - 1):
+        want = (1 - s[k + 1]) * renoise_group.pivot_x0[:, k].double() + s[k + 1] * group_plan.pivot_renoise[:, k].double()
+        assert (renoise_group.pivot_inputs[:, k + 1].double() - want).abs().max() < 1e-5
 
 
 def test_step_list_needs_the_chunk_when_lists_differ():
