@@ -15,6 +15,7 @@ import torch
 
 from policy.noise_plan import NoisePlan
 from policy.pipeline import StreamingVideoPolicy
+from policy.recache import encode_schedule
 from policy.rollout import GroupRollout, rollout_group
 from replay.record import CandidateGroup
 from reward_service.base import Video
@@ -46,7 +47,10 @@ def fork_group(policy: StreamingVideoPolicy, task: RolloutTask, branch_batch_siz
         group_plan = plan.fork(task.pivot, task.group_size, task.sigma)
     else:
         group_plan = plan.fork_renoise(task.pivot, task.group_size)
-    text = policy.text_conditioning([task.prompt])
+    if task.prompt_schedule is not None:
+        text = encode_schedule(policy, task.prompt_schedule)
+    else:
+        text = policy.text_conditioning([task.prompt])
     return rollout_group(policy, text, group_plan, task.record_final_latents, branch_batch_size)
 
 
@@ -76,6 +80,8 @@ def make_record(
         sigma=rollout.sigma,
         noise_seed=task.noise_seed,
         exploration=rollout.exploration,
+        schedule_chunks=[c for c, _ in task.prompt_schedule or ()],
+        schedule_prompts=[p for _, p in task.prompt_schedule or ()],
         prefix_latents=cpu(rollout.prefix_latents),
         timesteps=cpu(rollout.timesteps).float(),
         pivot_inputs=cpu(rollout.pivot_inputs),

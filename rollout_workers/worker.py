@@ -18,6 +18,7 @@ import torch
 from learner.config import Config
 from learner.policy_factory import add_adapter, build_configured_policy
 from policy.lora import import_adapter_state
+from policy.recache import encode_schedule
 from policy.rollout import generate
 from replay import open_store
 from reward_service.base import Video
@@ -98,16 +99,30 @@ class RolloutWorker:
         )
 
     @torch.no_grad()
-    def evaluate(self, prompts: list[str], seeds: list[int], keep_frames: int = 0) -> tuple[list[EvalResult], list]:
-        """Generate one video per (prompt, seed) with the current policy and score it.
+    def evaluate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        keep_frames: int = 0,
+        prompt_schedules: list[list[tuple[int, str]] | None] | None = None,
+    ) -> tuple[list[EvalResult], list]:
+        """Generate one video per (prompt, seed) with the current policy and score it against the prompt.
 
-        Returns the results and the decoded frames of the first `keep_frames` videos (for samples).
+        `prompt_schedules[i]`, when given and not None, generates video i with those prompts per chunk
+        (LongLive's switches with KV re-cache). Returns the results and the decoded frames of the first
+        `keep_frames` videos (for samples).
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        schedules = prompt_schedules or [None] * len(prompts)
+        if len(schedules) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(schedules)} prompt_schedules")
         videos = []
-        for prompt, seed in zip(prompts, seeds):
-            text = self.policy.text_conditioning([prompt])
+        for prompt, seed, schedule in zip(prompts, seeds, schedules):
+            if schedule is None:
+                text = self.policy.text_conditioning([prompt])
+            else:
+                text = encode_schedule(self.policy, schedule)
             latents = generate(self.policy, text, noise_plan_for(self.policy, seed)).latents
             videos.extend(decode_videos(self.policy, latents[None]))
         results = self._score(videos, list(prompts)) if videos else []
