@@ -167,3 +167,16 @@ def test_bad_precision_options_are_named(full_ckpt):
         VideoAlignReward(full_ckpt.root, rotary_precision="bf16")
     with pytest.raises(ValueError, match="head_dtype must be"):
         VideoAlignReward(full_ckpt.root, head_dtype="half")
+
+
+def test_head_runs_in_the_models_dtype_as_upstream(full_ckpt):
+    videos = _videos()[:1]
+    bf16 = VideoAlignReward(full_ckpt.root, min_frame_pixels=3136, dtype="bfloat16")
+    assert bf16.head.weight.dtype == torch.bfloat16
+    scores = np.array([v[0] for v in bf16.score(videos, PROMPTS[:1]).values()])
+    as_bf16 = torch.tensor(scores).to(torch.bfloat16).double().numpy()
+    np.testing.assert_array_equal(scores, as_bf16)  # each score is a bf16 value, as upstream's rm_head output
+    wide = VideoAlignReward(full_ckpt.root, min_frame_pixels=3136, dtype="bfloat16", head_dtype="float32")
+    wide_scores = np.array([v[0] for v in wide.score(videos, PROMPTS[:1]).values()])
+    assert wide.head.weight.dtype == torch.float32
+    assert np.abs(wide_scores - scores).max() < 0.02 and not np.array_equal(wide_scores, scores)
