@@ -18,14 +18,12 @@ import torch
 from learner.config import Config
 from learner.policy_factory import add_adapter, build_configured_policy
 from policy.lora import import_adapter_state
-from policy.recache import encode_schedule
-from policy.rollout import generate
 from replay import open_store
 from reward_service.base import Video
 from reward_service.server import remote_score
 from rollout_workers.adapter_source import pull_current_adapter
 from rollout_workers.delivery import deliver_group, valid_reward_means
-from rollout_workers.produce import decode_videos, noise_plan_for, produce_group
+from rollout_workers.produce import decode_videos, eval_latents, produce_group
 from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask
 
 log = logging.getLogger(__name__)
@@ -119,12 +117,7 @@ class RolloutWorker:
             raise ValueError(f"{len(prompts)} prompts but {len(schedules)} prompt_schedules")
         videos = []
         for prompt, seed, schedule in zip(prompts, seeds, schedules):
-            if schedule is None:
-                text = self.policy.text_conditioning([prompt])
-            else:
-                text = encode_schedule(self.policy, schedule)
-            latents = generate(self.policy, text, noise_plan_for(self.policy, seed)).latents
-            videos.extend(decode_videos(self.policy, latents[None]))
+            videos.extend(decode_videos(self.policy, eval_latents(self.policy, prompt, seed, schedule)[None]))
         results = self._score(videos, list(prompts)) if videos else []
         out = [
             EvalResult(prompt=p, seed=s, policy_version=self.version, rewards=dict(r.scores), valid=r.valid, reason=r.reason or "")

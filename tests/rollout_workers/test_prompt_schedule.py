@@ -13,7 +13,7 @@ from policy.recache import encode_schedule
 from policy.rollout import generate
 from replay.codec import decode, encode
 from reward_service.result import RewardResult
-from rollout_workers.produce import produce_group
+from rollout_workers.produce import eval_latents, produce_group
 from rollout_workers.tasks import RolloutTask
 from tests.policy.conftest import make_policy
 
@@ -66,3 +66,13 @@ def test_scheduled_group_round_trips_and_replays_on_policy():
     assert on_policy.ratio_deviation < 1e-4  # the learner's rebuilt context is the rollout's
     one_prompt = group.model_copy(update={"schedule_chunks": [], "schedule_prompts": []})
     assert copo_group_loss(policy, one_prompt, advantages, anchors, tau=1.0, clip_eps=None).ratio_deviation > 1e-3
+
+
+def test_evaluation_videos_follow_their_schedule():
+    policy = make_policy("tiny-window", num_chunks=6)
+    one = eval_latents(policy, A, seed=2)
+    switched = eval_latents(policy, A, seed=2, prompt_schedule=[(0, A), (4, B)])
+    expected = generate(policy, encode_schedule(policy, [(0, A), (4, B)]),
+                        NoisePlan.from_seed(2, 6, 1, policy.latent_shape, policy.num_steps)).latents
+    assert torch.equal(switched, expected)
+    assert torch.equal(one[:4], switched[:4]) and (one[4:] - switched[4:]).abs().max() > 1e-3
