@@ -92,6 +92,8 @@ class _RecacheView:
     hands every query the sink's old K/V (when protected) plus the re-run frames' new K/V, unmasked."""
 
     def __init__(self, cache: KVCache, start: int, end: int) -> None:
+        if cache.read_only:
+            raise RuntimeError("cannot re-cache a cache of broadcast views (expand(copy=False)): expand with a copy")
         self.cache, self.batch_size = cache, cache.batch_size
         self.text_keys = self.text_values = None
         tpf = cache.tokens_per_frame
