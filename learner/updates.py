@@ -22,6 +22,7 @@ from learner.sde_grpo import sde_grpo_loss_with_stats, sde_step_log_prob
 from policy.lora import adapter_names
 from policy.pipeline import StreamingVideoPolicy
 from policy.pivot_replay import rebuild_prefix_cache, replay_pivot_chunk
+from policy.recache import encode_schedule
 from policy.sampler import x0_from_flow
 from replay.record import CandidateGroup
 
@@ -35,7 +36,7 @@ class GroupLoss:
 
 def _replay_steps(policy: StreamingVideoPolicy, group: CandidateGroup, branches: torch.Tensor, steps: range) -> torch.Tensor:
     """x0 predictions of the current policy on the stored inputs of `branches` x `steps`: [B, len(steps), f, C, H, W]."""
-    text = policy.text_conditioning([group.prompt])
+    text = encode_schedule(policy, group.prompt_schedule)  # one prompt, or LongLive's switches
     cache = rebuild_prefix_cache(policy, text, group.prefix_latents)
     step_index = torch.tensor(list(steps))
     x_t = group.pivot_inputs[branches][:, step_index]  # [B, S, f, C, H, W]
@@ -259,6 +260,8 @@ def nft_group_update(
         raise ValueError("selective regularisation needs a bool mask `selected` over the branches")
     rows = torch.nonzero(selected).flatten() if selective else None
 
+    if len(group.prompt_schedule) > 1:
+        raise ValueError(f"group {group.group_id} switches prompts; the NFT rolling context runs one prompt")
     text = policy.text_conditioning([group.prompt])
     shared = latents[0, : min(window.start, group.pivot) * f]  # identical in every branch before the pivot
     streams = {name: RollingContext(policy, text, switch, adapter, shared, len(branches))

@@ -7,6 +7,8 @@ Supported on-disk layouts (``kind``):
   ``model._fsdp_wrapped_module.``. ``generator_ema`` is used, ``generator`` when there is no EMA.
 - ``"causal_forcing"``: the same layout; Causal-Forcing's files hold exactly one of ``generator``
   (chunk-wise) or ``generator_ema`` (frame-wise, keys usually ``model._fsdp_wrapped_module.``).
+  Causal-Forcing++ ``framewise-{2,1}step.pt`` load the same way (upstream runs them ``--use_ema``); their
+  per-chunk step lists are the sampler's (``causal-forcing-pp-framewise-*`` presets), not the file's.
 - ``"longlive"``: a base file like the above (``generator`` is what LongLive runs) plus ``lora.pt``,
   ``{"generator_lora": <PEFT state dict>, "critic_lora": ..., "step": int}``: a LoRA on every Linear of
   every block (rank from the tensors, alpha 256 by default) merged into the base weights here.

@@ -59,6 +59,9 @@ class StreamingVideoPolicy:
     codec: VideoCodec | None = None
     local_window: int | None = None
     sink_frames: int = 0
+    # With a local window, a group forked past the first window re-caches there (policy.recache) so the
+    # learner rebuilds its context from the sink and the last window frames, not the whole prefix.
+    recache_at_pivot: bool = True
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     max_cached_prompts: int = 1024
@@ -88,8 +91,9 @@ class StreamingVideoPolicy:
     def num_steps(self) -> int:
         return self.sampler.num_steps
 
-    def timesteps(self) -> torch.Tensor:
-        return self.sampler.timesteps(self.device)
+    def timesteps(self, chunk: int | None = None) -> torch.Tensor:
+        """``[T_chunk]``: chunk 0 may have a step list of its own (``SamplerConfig.first_chunk_step_list``)."""
+        return self.sampler.timesteps(self.device, chunk)
 
     def new_cache(self, batch_size: int = 1) -> KVCache:
         return KVCache.for_model(

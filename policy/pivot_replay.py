@@ -1,7 +1,9 @@
 """Replay of the pivot chunk with gradients: ``x0 = F_theta(x_t, context, t)`` for a batch of anchors.
 
 The context is rebuilt from the stored clean prefix latents exactly as generation built it: one
-``t = 0`` forward per prefix chunk writing the KV cache, without gradient. The cache is then repeated
+``t = 0`` forward per prefix chunk writing the KV cache, without gradient (for a windowed policy
+whose group re-cached at a far pivot, only the chunks up to the first window's end and one re-cache
+forward: ``policy.recache.rebuild_context``). The cache is then repeated
 along the batch and the pivot chunk runs once with gradient (the chunk's own K/V and the text K/V
 are recomputed inside the graph, so adapters on every projection receive gradient).
 """
@@ -12,30 +14,23 @@ import torch
 
 from policy.kv_cache import KVCache
 from policy.pipeline import StreamingVideoPolicy
+from policy.recache import TextSchedule, rebuild_context
 from policy.sampler import x0_from_flow
 
 
 def rebuild_prefix_cache(
-    policy: StreamingVideoPolicy, text_cond: torch.Tensor, prefix_latents: torch.Tensor
+    policy: StreamingVideoPolicy, text_cond: torch.Tensor | TextSchedule, prefix_latents: torch.Tensor
 ) -> KVCache:
-    """Batch-1 KV cache holding the clean prefix ``[pivot * f, C, H, W]`` (no gradient)."""
-    f = policy.frames_per_chunk
-    if prefix_latents.ndim != 4 or tuple(prefix_latents.shape[1:]) != policy.latent_shape:
-        raise ValueError(f"prefix_latents must be [pivot*f, *{policy.latent_shape}], got {tuple(prefix_latents.shape)}")
-    if prefix_latents.shape[0] % f:
-        raise ValueError(f"prefix of {prefix_latents.shape[0]} frames is not a whole number of {f}-frame chunks")
-    cache = policy.new_cache(1)
-    prefix = prefix_latents.to(policy.device, policy.dtype)
-    with torch.no_grad():
-        for start in range(0, prefix.shape[0], f):
-            t = torch.full((1, f), policy.sampler.context_timestep, device=policy.device)
-            policy.transformer.forward_chunk(prefix[None, start : start + f], t, cache, start, text_cond[:1])
-    return cache
+    """Batch-1 KV cache holding the clean prefix ``[pivot * f, C, H, W]`` (no gradient), as the rollout
+    built it; prompt switches and a long video's pivot re-cache included (``policy.recache.rebuild_context``)."""
+    if not isinstance(text_cond, TextSchedule):
+        text_cond = TextSchedule.of(text_cond[:1] if text_cond.ndim == 3 else text_cond)
+    return rebuild_context(policy, text_cond, prefix_latents)
 
 
 def replay_pivot_chunk(
     policy: StreamingVideoPolicy,
-    text_cond: torch.Tensor,
+    text_cond: torch.Tensor | TextSchedule,
     prefix_latents: torch.Tensor,
     x_t: torch.Tensor,
     timesteps: torch.Tensor,
@@ -43,9 +38,13 @@ def replay_pivot_chunk(
 ) -> torch.Tensor:
     """x0 predictions ``[B, f, C, H, W]`` for anchors ``x_t [B, f, C, H, W]`` at ``timesteps [B]``.
 
-    ``text_cond``: ``[1, S, D]`` (or ``[S, D]``) shared by the batch. Pass ``prefix_cache`` (from
-    ``rebuild_prefix_cache``) to reuse one rebuilt context across several calls on the same group.
+    ``text_cond``: ``[1, S, D]`` (or ``[S, D]``) shared by the batch, or the group's ``TextSchedule``.
+    Pass ``prefix_cache`` (from ``rebuild_prefix_cache``) to reuse one rebuilt context across several
+    calls on the same group.
     """
+    schedule = text_cond
+    if isinstance(text_cond, TextSchedule):  # the pivot chunk's own prompt
+        text_cond = text_cond.at(prefix_latents.shape[0] // policy.frames_per_chunk)
     if text_cond.ndim == 2:
         text_cond = text_cond[None]
     text_cond = text_cond.to(policy.device, policy.dtype)
@@ -58,7 +57,7 @@ def replay_pivot_chunk(
     if timesteps.shape != (b,):
         raise ValueError(f"timesteps must be [B={b}], got {tuple(timesteps.shape)}")
     if prefix_cache is None:
-        prefix_cache = rebuild_prefix_cache(policy, text_cond, prefix_latents)
+        prefix_cache = rebuild_prefix_cache(policy, schedule, prefix_latents)
     cache = prefix_cache.expand(b, copy=False)  # read-only context: broadcast views, no copy
     cache.clear_text()  # recomputed with gradient
     x_t = x_t.to(policy.device, policy.dtype)

@@ -195,12 +195,51 @@ register_preset(
         **_REAL,
     )
 )
+# Causal-Forcing++ (configs/causal_forcing_dmd_framewise_{2,1}step.yaml): frame-wise, chunk 0 in 4 steps
+# ("first-frame 4-step"), every later chunk in 2 or 1.
+CAUSAL_FORCING_PP_2STEP = SamplerConfig(denoising_step_list=(1000, 500), first_chunk_step_list=(1000, 750, 500, 250))
+CAUSAL_FORCING_PP_1STEP = SamplerConfig(denoising_step_list=(1000,), first_chunk_step_list=(1000, 750, 500, 250))
+register_preset(
+    PolicyPreset(
+        name="causal-forcing-pp-framewise-2step-1.3b",
+        description="Causal-Forcing++ frame-wise 2-step (framewise-2step.pt): chunk 0 in 4 steps, the rest in 2",
+        frames_per_chunk=1,
+        num_chunks=21,
+        sampler=CAUSAL_FORCING_PP_2STEP,
+        checkpoint_kind="causal_forcing",
+        **_REAL,
+    )
+)
+register_preset(
+    PolicyPreset(
+        name="causal-forcing-pp-framewise-1step-1.3b",
+        description="Causal-Forcing++ frame-wise 1-step (framewise-1step.pt): chunk 0 in 4 steps, the rest in 1",
+        frames_per_chunk=1,
+        num_chunks=21,
+        sampler=CAUSAL_FORCING_PP_1STEP,
+        checkpoint_kind="causal_forcing",
+        **_REAL,
+    )
+)
 register_preset(
     PolicyPreset(
         name="longlive-1.3b",
         description="LongLive v1: local attention window of 12 latent frames with 3 sink frames",
         frames_per_chunk=3,
         num_chunks=7,
+        local_window=12,
+        sink_frames=3,
+        checkpoint_kind="longlive",
+        **_REAL,
+    )
+)
+register_preset(
+    PolicyPreset(
+        name="longlive-1.3b-long",
+        description="LongLive v1 as its inference runs (longlive_inference.yaml): 120 latent frames (40 chunks), "
+        "window 12 with 3 sink frames; the cache never holds more than the window",
+        frames_per_chunk=3,
+        num_chunks=40,
         local_window=12,
         sink_frames=3,
         checkpoint_kind="longlive",

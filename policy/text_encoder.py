@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import ftfy
 import torch
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
@@ -26,16 +27,12 @@ WAN_TEXT_LENGTH = 512
 WAN_T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 WAN_TOKENIZER_DIR = "google/umt5-xxl"
 
-try:  # Wan repairs mis-encoded text with ftfy; prompts that are valid Unicode are unaffected without it.
-    from ftfy import fix_text as _fix_text
-except ImportError:  # pragma: no cover - depends on the environment
-    _fix_text = None
-
 
 def clean_prompt(text: str) -> str:
-    """Wan's prompt cleaning: fix text, unescape HTML twice, collapse whitespace."""
-    if _fix_text is not None:
-        text = _fix_text(text)
+    """Wan's prompt cleaning, always applied as Wan's T5 tokenizer (and diffusers' ``prompt_clean``) do:
+    ``ftfy.fix_text`` (curly quotes to straight, full-width to normal width, mojibake repaired, NFC),
+    HTML unescaped twice, whitespace collapsed."""
+    text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
 

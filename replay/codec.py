@@ -3,7 +3,7 @@
 Layout of a payload (a complete Arrow IPC *file*: `pyarrow.ipc.open_file` reads it):
 - schema metadata: `arcopo.record = CandidateGroup`, `arcopo.schema_version`, and
   `arcopo.checksum = blake2b-256:<hex>` over the header values and every tensor's dtype, shape and bytes;
-- header columns (utf8 / int64 / uint64 / float64 / list<utf8>), one value each;
+- header columns (utf8 / int64 / uint64 / float64 / list<utf8> / list<int64>), one value each;
 - tensor columns as `large_binary`, one value each holding the raw little-endian bytes, with the
   field metadata `dtype` (float32 | float16 | bfloat16 | float64 | bool) and `shape` (a JSON list).
   bfloat16 has no Arrow type, so every tensor is stored as its raw bytes with a dtype tag.
@@ -60,6 +60,8 @@ HEADER_COLUMNS: dict[str, pa.DataType] = {
     "sigma": pa.float64(),
     "noise_seed": pa.uint64(),
     "exploration": pa.utf8(),
+    "schedule_chunks": pa.list_(pa.int64()),
+    "schedule_prompts": pa.list_(pa.utf8()),
     "created_at": pa.float64(),
     "reward_heads": pa.list_(pa.utf8()),
 }

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: schedule_chunks / schedule_prompts (prompts per chunk)
 
 LATENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TENSOR_FIELDS = ("prefix_latents", "timesteps", "pivot_inputs", "pivot_x0", "final_latents", "reward_valid")
@@ -78,6 +78,10 @@ class CandidateGroup(BaseModel):
     sigma: float = Field(ge=0.0)
     noise_seed: int = Field(ge=0, lt=2**64)
     exploration: Literal["initial_noise", "renoise"]
+    # The prompt each chunk was generated with, from chunk schedule_chunks[i] on (LongLive's prompt
+    # switches); empty: `prompt` throughout. `prompt` stays what the rewards scored.
+    schedule_chunks: list[int] = Field(default_factory=list)
+    schedule_prompts: list[str] = Field(default_factory=list)
     prefix_latents: torch.Tensor
     timesteps: torch.Tensor
     pivot_inputs: torch.Tensor
@@ -135,6 +139,11 @@ class CandidateGroup(BaseModel):
             )
         if self.pivot >= self.num_chunks:
             raise ValueError(f"pivot {self.pivot} must be < num_chunks {self.num_chunks} (0-based chunk index)")
+        chunks = self.schedule_chunks
+        if len(chunks) != len(self.schedule_prompts):
+            raise ValueError(f"{len(chunks)} schedule_chunks but {len(self.schedule_prompts)} schedule_prompts")
+        if chunks and (chunks[0] != 0 or any(a >= b for a, b in zip(chunks, chunks[1:])) or chunks[-1] >= self.num_chunks):
+            raise ValueError(f"schedule_chunks {chunks} must start at 0 and increase strictly below num_chunks")
         G = self.group_size
         if self.timesteps.ndim != 1 or self.timesteps.shape[0] < 1:
             raise ValueError(f"timesteps must be [T] with T >= 1, got {_shape(self.timesteps)}")
@@ -168,6 +177,11 @@ class CandidateGroup(BaseModel):
         if _shape(self.reward_valid) != (G,):
             raise ValueError(f"reward_valid must be [G={G}], got {_shape(self.reward_valid)}")
         return self
+
+    @property
+    def prompt_schedule(self) -> list[tuple[int, str]]:
+        """``[(first chunk, prompt), ...]`` the video was generated with."""
+        return list(zip(self.schedule_chunks, self.schedule_prompts)) or [(0, self.prompt)]
 
     @property
     def frames_per_chunk(self) -> int:

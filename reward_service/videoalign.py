@@ -13,6 +13,12 @@ As in the published code, the language model runs with plain sequential position
 (0..L-1 in all three M-RoPE sections), not Qwen2-VL's 3-D vision positions: its reward forward
 called the text decoder directly with no position ids. Overall = VQ + MQ + TA is left to the
 multi-reward layer.
+
+Precision as trained: the published checkpoint ran under transformers 4.45 after `.to(bfloat16)`,
+so its rotary embeddings used bf16-rounded frequencies (and bf16 vision angles), and its head ran
+in bf16. `rotary_precision="bf16_trained"` (default) reproduces those rotary numbers
+(videoalign_rotary.py) whatever the model dtype; `head_dtype="model"` (default) runs the head in
+the backbone's dtype as upstream (bf16 on CUDA rounds each score to bf16: steps of 1/32 at 4..8).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from reward_service.videoalign_inputs import (
     chat_text,
     video_patches,
 )
+from reward_service.videoalign_rotary import ROTARY_PRECISIONS, apply_rotary_precision
 
 log = logging.getLogger(__name__)
 HEADS = ("VQ", "MQ", "TA")
@@ -57,6 +64,8 @@ class VideoAlignReward(RewardModel):
     dtype: "float32" | "bfloat16" | "float16" (default bfloat16 on CUDA, float32 on CPU).
     fps / num_frames / max_frame_pixels default to the checkpoint's data_config;
     min_frame_pixels to 128*28*28 as in the published code.
+    rotary_precision: "bf16_trained" (the rotary numbers the checkpoint was trained with) | "float32"
+        (transformers 5's own). head_dtype: "model" (the backbone's dtype, as upstream) | "float32".
     """
 
     name = "videoalign"
@@ -76,10 +85,16 @@ class VideoAlignReward(RewardModel):
         min_frame_pixels: int = VIDEO_MIN_PIXELS,
         max_frame_pixels: int | None = None,
         attn_implementation: str = "sdpa",
+        rotary_precision: str = "bf16_trained",
+        head_dtype: str = "model",
     ) -> None:
         from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLModel
         from transformers.initialization import no_init_weights
 
+        if rotary_precision not in ROTARY_PRECISIONS:
+            raise ValueError(f"rotary_precision must be one of {ROTARY_PRECISIONS}, got {rotary_precision!r}")
+        if head_dtype not in ("model", "float32"):
+            raise ValueError(f"head_dtype must be 'model' or 'float32', got {head_dtype!r}")
         checkpoint_dir = Path(checkpoint_dir)
         self.config = read_model_config(checkpoint_dir)
         ckpt = find_checkpoint(checkpoint_dir, checkpoint_step)
@@ -132,8 +147,11 @@ class VideoAlignReward(RewardModel):
                 f"unexpected {sorted(unexpected)[:8]}{'...' if len(unexpected) > 8 else ''}"
             )
         self.backbone.eval().requires_grad_(False)
-        self.head = nn.Linear(hidden, self.config.output_dim, bias=False, device=self.device, dtype=torch.float32)
-        self.head.weight.data.copy_(head.float())
+        self.rotary_precision = rotary_precision
+        apply_rotary_precision(self.backbone, rotary_precision)
+        self.head_dtype = self.dtype if head_dtype == "model" else torch.float32
+        self.head = nn.Linear(hidden, self.config.output_dim, bias=False, device=self.device, dtype=self.head_dtype)
+        self.head.weight.data.copy_(head.to(self.head_dtype))
         self.head.requires_grad_(False)
 
         vision = qwen_config.vision_config
@@ -147,7 +165,8 @@ class VideoAlignReward(RewardModel):
             merge_size=vision.spatial_merge_size,
             **_processor_mean_std(base_dir),
         )
-        log.info("VideoAlign loaded from %s (base %s) on %s/%s", ckpt, base_dir, self.device, self.dtype)
+        log.info("VideoAlign loaded from %s (base %s) on %s/%s, rotary %s, head %s", ckpt, base_dir, self.device,
+                 self.dtype, rotary_precision, self.head_dtype)
 
     def score(self, videos: list[Video], prompts: list[str]) -> dict[str, np.ndarray]:
         if len(videos) != len(prompts):
@@ -205,9 +224,9 @@ class VideoAlignReward(RewardModel):
             counts = where.sum(dim=1)
             if not bool((counts == 1).all()):
                 raise ValueError(f"each sample must hold {REWARD_TOKENS[k]} exactly once, got counts {counts.tolist()}")
-            h_k = hidden[where].float()  # [B, hidden], in sample order
+            h_k = hidden[where].to(self.head_dtype)  # [B, hidden], in sample order
             w_k = self.head.weight[0 if self.config.output_dim == 1 else k]
-            rows.append(h_k @ w_k)
+            rows.append((h_k @ w_k).float())
         return torch.stack(rows, dim=1)
 
 

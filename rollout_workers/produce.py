@@ -15,7 +15,8 @@ import torch
 
 from policy.noise_plan import NoisePlan
 from policy.pipeline import StreamingVideoPolicy
-from policy.rollout import GroupRollout, rollout_group
+from policy.recache import PromptSchedule, encode_schedule
+from policy.rollout import GroupRollout, generate, rollout_group
 from replay.record import CandidateGroup
 from reward_service.base import Video
 from reward_service.multi_reward import results_to_arrays
@@ -46,8 +47,19 @@ def fork_group(policy: StreamingVideoPolicy, task: RolloutTask, branch_batch_siz
         group_plan = plan.fork(task.pivot, task.group_size, task.sigma)
     else:
         group_plan = plan.fork_renoise(task.pivot, task.group_size)
-    text = policy.text_conditioning([task.prompt])
+    if task.prompt_schedule is not None:
+        text = encode_schedule(policy, task.prompt_schedule)
+    else:
+        text = policy.text_conditioning([task.prompt])
     return rollout_group(policy, text, group_plan, task.record_final_latents, branch_batch_size)
+
+
+def eval_latents(
+    policy: StreamingVideoPolicy, prompt: str, seed: int, prompt_schedule: PromptSchedule | None = None
+) -> torch.Tensor:
+    """One held-out video ``[F, C, H, W]``: ``prompt`` throughout, or the schedule's prompts per chunk."""
+    text = policy.text_conditioning([prompt]) if prompt_schedule is None else encode_schedule(policy, prompt_schedule)
+    return generate(policy, text, noise_plan_for(policy, seed)).latents
 
 
 def decode_videos(policy: StreamingVideoPolicy, latents: torch.Tensor) -> list[Video]:
@@ -76,6 +88,8 @@ def make_record(
         sigma=rollout.sigma,
         noise_seed=task.noise_seed,
         exploration=rollout.exploration,
+        schedule_chunks=[c for c, _ in task.prompt_schedule or ()],
+        schedule_prompts=[p for _, p in task.prompt_schedule or ()],
         prefix_latents=cpu(rollout.prefix_latents),
         timesteps=cpu(rollout.timesteps).float(),
         pivot_inputs=cpu(rollout.pivot_inputs),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from policy.recache import check_prompt_schedule
 
 
 class RolloutTask(BaseModel):
@@ -23,6 +25,14 @@ class RolloutTask(BaseModel):
     adapter_name: str  # the adapter the group trains (reference rollouts name the adapter they feed)
     destination: Literal["queue", "buffer"] = "queue"
     record_final_latents: bool = False
+    # Prompts per chunk, [(first chunk, prompt), ...] from chunk 0 (LongLive's interactive switches, with
+    # its KV re-cache); None: `prompt` throughout. `prompt` is what the rewards score either way.
+    prompt_schedule: tuple[tuple[int, str], ...] | None = None
+
+    @field_validator("prompt_schedule")
+    @classmethod
+    def _schedule(cls, schedule: tuple[tuple[int, str], ...] | None) -> tuple[tuple[int, str], ...] | None:
+        return None if schedule is None else tuple(check_prompt_schedule(schedule))
 
 
 class GroupSummary(BaseModel):

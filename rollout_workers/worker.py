@@ -18,13 +18,12 @@ import torch
 from learner.config import Config
 from learner.policy_factory import add_adapter, build_configured_policy
 from policy.lora import import_adapter_state
-from policy.rollout import generate
 from replay import open_store
 from reward_service.base import Video
 from reward_service.server import remote_score
 from rollout_workers.adapter_source import pull_current_adapter
 from rollout_workers.delivery import deliver_group, valid_reward_means
-from rollout_workers.produce import decode_videos, noise_plan_for, produce_group
+from rollout_workers.produce import decode_videos, eval_latents, produce_group
 from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask
 
 log = logging.getLogger(__name__)
@@ -98,18 +97,27 @@ class RolloutWorker:
         )
 
     @torch.no_grad()
-    def evaluate(self, prompts: list[str], seeds: list[int], keep_frames: int = 0) -> tuple[list[EvalResult], list]:
-        """Generate one video per (prompt, seed) with the current policy and score it.
+    def evaluate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        keep_frames: int = 0,
+        prompt_schedules: list[list[tuple[int, str]] | None] | None = None,
+    ) -> tuple[list[EvalResult], list]:
+        """Generate one video per (prompt, seed) with the current policy and score it against the prompt.
 
-        Returns the results and the decoded frames of the first `keep_frames` videos (for samples).
+        `prompt_schedules[i]`, when given and not None, generates video i with those prompts per chunk
+        (LongLive's switches with KV re-cache). Returns the results and the decoded frames of the first
+        `keep_frames` videos (for samples).
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        schedules = prompt_schedules or [None] * len(prompts)
+        if len(schedules) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(schedules)} prompt_schedules")
         videos = []
-        for prompt, seed in zip(prompts, seeds):
-            text = self.policy.text_conditioning([prompt])
-            latents = generate(self.policy, text, noise_plan_for(self.policy, seed)).latents
-            videos.extend(decode_videos(self.policy, latents[None]))
+        for prompt, seed, schedule in zip(prompts, seeds, schedules):
+            videos.extend(decode_videos(self.policy, eval_latents(self.policy, prompt, seed, schedule)[None]))
         results = self._score(videos, list(prompts)) if videos else []
         out = [
             EvalResult(prompt=p, seed=s, policy_version=self.version, rewards=dict(r.scores), valid=r.valid, reason=r.reason or "")

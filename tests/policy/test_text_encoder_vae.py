@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from policy.checkpoints import CheckpointMismatchError
-from policy.text_encoder import UMT5TextEncoder
+from policy.text_encoder import UMT5TextEncoder, clean_prompt
 from policy.vae import WanVideoCodec
 
 WORDS = "a red cat walks on the beach at sunset slowly blue dog runs".split()
@@ -68,6 +68,21 @@ def test_encode_pads_with_zeros_truncates_and_cleans(umt5_dirs):
     assert (alone[0] - out[0]).abs().max() < 1e-5
     with pytest.raises(TypeError, match="list of prompts"):
         encoder.encode("a red cat")
+
+
+def test_prompts_are_cleaned_like_wan_curly_quotes_and_full_width_text(umt5_dirs):
+    # MovieGen Video Bench prompts carry curly quotes; Wan runs ftfy.fix_text before tokenising.
+    assert clean_prompt("A sign reads \u201cOPEN\u201d, the cat\u2019s tail") == 'A sign reads "OPEN", the cat\'s tail'
+    assert clean_prompt("\uff32\uff45\uff44\u3000\uff43\uff41\uff54\uff01") == "Red cat!"  # full-width, ideographic space
+    assert clean_prompt("  caf\u00c3\u00a9 &amp;amp; tea\n\n") == "caf\u00e9 & tea"  # mojibake, HTML twice, whitespace
+    assert clean_prompt("cafe\u0301") == "caf\u00e9"  # NFC
+    root, _ = umt5_dirs
+    encoder = UMT5TextEncoder.from_pretrained(root, max_length=MAX_LEN)
+    full_width = "\uff41\u3000\uff52\uff45\uff44\u3000\uff43\uff41\uff54"  # "a red cat" in full-width forms
+    out = encoder.encode([full_width, "a red cat"])
+    assert torch.equal(out[0], out[1])
+    raw = encoder.tokenizer(full_width)["input_ids"]  # uncleaned, the tokenizer sees unknown characters
+    assert raw != encoder.tokenizer("a red cat")["input_ids"]
 
 
 def test_encode_equals_transformers_forward_masked(umt5_dirs):

@@ -38,7 +38,9 @@ def lora_ckpt(tmp_path_factory):
 
 def _reference_scores(ckpt, model: VideoAlignReward, videos, prompts) -> np.ndarray:
     """Each sample alone through the PEFT-wrapped source model (LoRA unmerged), read at the reward
-    tokens with sequential positions: rm_head.weight[0 or k] . h_k."""
+    tokens with sequential positions: rm_head.weight[0 or k] . h_k. The source model keeps transformers 5's
+    float32 rotary, so the loader is compared with rotary_precision="float32" (the trained bf16 rotary is
+    tested in test_videoalign_rotary.py)."""
     peft_inner = ckpt.reference.base_model.model
     head = peft_inner.rm_head.weight
     out = []
@@ -61,7 +63,7 @@ def test_full_state_dict_layout_scores_match_the_source_model(full_ckpt):
     assert any(k.startswith("base_model.model.visual.") for k in saved)  # the 4.45 key layout
     assert any(k.startswith("base_model.model.model.layers.") and "lora_A" in k for k in saved)
 
-    model = build_reward("videoalign", checkpoint_dir=str(full_ckpt.root), min_frame_pixels=3136)
+    model = build_reward("videoalign", checkpoint_dir=str(full_ckpt.root), min_frame_pixels=3136, rotary_precision="float32")
     videos = _videos()
     scores = model.score(videos, PROMPTS)  # one padded batch of two
     expected = _reference_scores(full_ckpt, model, videos, PROMPTS)
@@ -70,7 +72,7 @@ def test_full_state_dict_layout_scores_match_the_source_model(full_ckpt):
         np.testing.assert_allclose(scores[head], expected[:, k], rtol=1e-5, atol=1e-5)
     assert np.ptp(expected) > 1e-3  # the heads and samples really differ
 
-    normalised = VideoAlignReward(full_ckpt.root, normalize=True, min_frame_pixels=3136).score(videos, PROMPTS)
+    normalised = VideoAlignReward(full_ckpt.root, normalize=True, min_frame_pixels=3136, rotary_precision="float32").score(videos, PROMPTS)
     stats = json.loads((full_ckpt.root / "model_config.json").read_text())["inference_config"]
     for k, head in enumerate(("VQ", "MQ", "TA")):
         want = (expected[:, k] - stats[f"{head}_mean"]) / stats[f"{head}_std"]
@@ -78,7 +80,7 @@ def test_full_state_dict_layout_scores_match_the_source_model(full_ckpt):
 
 
 def test_lora_layout_with_base_weights_and_three_output_head(lora_ckpt):
-    model = VideoAlignReward(lora_ckpt.root, min_frame_pixels=3136)
+    model = VideoAlignReward(lora_ckpt.root, min_frame_pixels=3136, rotary_precision="float32")
     videos = _videos()
     scores = model.score(videos, PROMPTS)
     expected = _reference_scores(lora_ckpt, model, videos, PROMPTS)
