@@ -40,3 +40,33 @@ def test_reward_curve_png_is_written(tmp_path):
     rows = [_row(i, **({"eval_reward_mean": 0.3 * i, "eval_reward_TA": 0.1} if i % 2 == 0 else {})) for i in range(5)]
     out = plot_reward_curves(rows, tmp_path / "reward.png", title="t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_passwords_in_urls_are_redacted_in_log_lines_and_metrics(tmp_path):
+    import logging
+
+    from learner.run_log import RedactingFilter
+
+    path = tmp_path / "run.log"
+    logger = logging.getLogger("test_redaction")
+    handler = logging.FileHandler(path)
+    logger.addHandler(handler)
+    try:
+        RedactingFilter.install(logger)
+        RedactingFilter.install(logger)  # once per handler
+        assert len(handler.filters) == 1
+        logger.warning("store %s unreachable", "redis://:hunter2@10.0.0.5:6379/0?prefix=r")
+        try:
+            raise ConnectionError("cannot reach rediss://admin:hunter2@cache:6380/1")
+        except ConnectionError:
+            logger.exception("learner call failed")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    text = path.read_text()
+    assert "hunter2" not in text
+    assert "redis://:***@10.0.0.5:6379/0?prefix=r" in text and "rediss://admin:***@cache:6380/1" in text
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.append(_row(0, store="redis://:hunter2@h:1/0"))
+    assert "hunter2" not in log.path.read_text() and log.read()[0]["store"] == "redis://:***@h:1/0"
