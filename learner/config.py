@@ -82,6 +82,8 @@ class AlgorithmSettings(_Section):
     nft_aux_heads: list[str] | None = None  # auxiliary rewards of the disagreement; None: every weighted head
     nft_ema_rate: Real = Field(0.001, ge=0)  # old adapter decay = min(rate * optimiser steps, max)
     nft_ema_max: Real = Field(0.5, ge=0, le=1.0)
+    # Optimiser steps in a row whose loss or gradients are not finite (each one skipped) that stop the run.
+    max_nonfinite_steps: Int = Field(3, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "AlgorithmSettings":
