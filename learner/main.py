@@ -115,8 +115,8 @@ def train(
                     row.update({f"base_{k}": v for k, v in baseline.items()})
                 metrics_log.append(row)
                 system.metrics.record_iteration(
-                    iteration=iteration, policy_version=stats["policy_version"], loss=_finite(stats["loss"]),
-                    clip_fraction=_finite(stats["clip_fraction"]), reward_mean={"combined": _finite(row["reward_mean"])},
+                    iteration=iteration, policy_version=stats["policy_version"], loss=stats["loss"],
+                    clip_fraction=stats["clip_fraction"], reward_mean={"combined": row["reward_mean"]},
                 )
                 if (iteration + 1) % run.checkpoint_every == 0 or last:
                     system.checkpoint({"metrics_rows": iteration + 1, "run_tag": sampler.run_tag})
@@ -162,6 +162,8 @@ def iteration_row(config: Config, iteration: int, stats: dict, summaries: list, 
         "groups": stats["groups"],
         "groups_without_signal": stats["groups_without_signal"],
         "groups_dropped": sum(not s.stored for s in summaries),
+        "groups_quarantined": sum(stats.get("quarantined", {}).values()),
+        "nonfinite_steps": stats.get("nonfinite_steps", 0),
         "seconds": seconds,
     }
     for phase in ("rollout", "reward", "update", "broadcast"):
@@ -186,10 +188,6 @@ def evaluate(system: System, config: Config, prompts: list[str], seeds: list[int
 
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else math.nan
-
-
-def _finite(value: float) -> float:
-    return value if math.isfinite(value) else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,6 +93,9 @@ METRICS: dict[str, MetricSpec] = {
         _spec("groups_consumed_total", "counter", "Candidate groups the learner pulled from replay"),
         _spec("groups_applied_total", "counter", "Candidate groups used in an optimiser update"),
         _spec("groups_dropped_total", "counter", "Candidate groups discarded, by reason", "reason"),
+        _spec("groups_quarantined_total", "counter",
+              "Candidate groups the learner could not use, dead-lettered at its door, by reason", "reason"),
+        _spec("nonfinite_steps_total", "counter", "Optimiser steps skipped: their loss or gradients were not finite"),
         _spec("replay_queue_length", "gauge", "Candidate groups waiting in the on-policy queue"),
         _spec("replay_corrupt_records_total", "counter", "Replay records rejected as corrupt"),
         _spec(
@@ -270,6 +273,20 @@ class ProjectMetrics:
 
     def count_groups_dropped(self, reason: str, n: float = 1) -> None:
         self._inc("groups_dropped_total", n, {"reason": _label("reason", reason)})
+
+    def count_groups_quarantined(self, reason: str, n: float = 1) -> None:
+        self._inc("groups_quarantined_total", n, {"reason": _label("reason", reason)})
+
+    def count_nonfinite_steps(self, n: float = 1) -> None:
+        self._inc("nonfinite_steps_total", n, {})
+
+    def record_update(self, stats: Mapping) -> None:
+        """The group and step counters of one learner update (`Learner.train_*`'s statistics)."""
+        self.count_groups_consumed(stats["groups"])
+        self.count_groups_applied(stats["groups"] - stats["groups_without_signal"])
+        for reason, n in stats.get("quarantined", {}).items():
+            self.count_groups_quarantined(reason, n)
+        self.count_nonfinite_steps(stats.get("nonfinite_steps", 0))
 
     def count_broadcast_bytes(self, nbytes: int) -> None:
         self._inc("broadcast_bytes_total", nbytes, {})

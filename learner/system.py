@@ -178,8 +178,7 @@ class System:
         self.version = stats["policy_version"]
         self.timings["update_s"] = stats["update_s"]
         self.metrics.observe_phase("update", stats["update_s"])
-        self.metrics.count_groups_consumed(stats["groups"])
-        self.metrics.count_groups_applied(stats["groups"] - stats["groups_without_signal"])
+        self.metrics.record_update(stats)  # consumed, applied, quarantined, skipped non-finite steps
         self.metrics.set_policy_version(self.version)
         self._record_replay()
         return stats
