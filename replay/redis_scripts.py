@@ -58,14 +58,14 @@ redis.call('HINCRBY', KEYS[2], 'buffer_added', 1)
 return 1
 """
 
-# Open the store: KEYS = epoch, queue; ARGV = a new epoch, consumer group.
-# Adopts the epoch there, or, when the store has none and no queue (a new store), writes the new
-# epoch and creates the queue's stream and consumer group. Returns the epoch, or nil when there is a
-# queue but no epoch (a store from before epochs existed: the caller decides).
+# Open the store: KEYS = epoch, queue; ARGV = a new epoch ('' when the caller expects one), consumer group.
+# Adopts the epoch there, or, when the store has none and no queue (a new store) and the caller
+# expects none, writes the new epoch and creates the queue's stream and consumer group. Returns the
+# epoch, or nil (no epoch: a lost store, or a queue from before stores had epochs; the caller decides).
 OPEN = """
 local epoch = redis.call('GET', KEYS[1])
 if epoch then return epoch end
-if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+if ARGV[1] == '' or redis.call('EXISTS', KEYS[2]) == 1 then return false end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
 return ARGV[1]

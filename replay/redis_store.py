@@ -83,7 +83,8 @@ class RedisStore(RedisBuffer, ReplayStore):
 
     def _open(self) -> None:
         """Adopt (or, for a new store, write) the run epoch; check it against the expected one."""
-        found = self._open_script(keys=[self._epoch_key, self._queue], args=[new_epoch(), self.options.consumer_group])
+        created = "" if self.options.epoch is not None else new_epoch()  # an expected store is never created
+        found = self._open_script(keys=[self._epoch_key, self._queue], args=[created, self.options.consumer_group])
         if found is None:  # a queue written before stores had epochs: give it one, unless one was expected
             if self.options.epoch is not None:
                 raise self._lost("connect", None)

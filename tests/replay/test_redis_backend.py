@@ -121,10 +121,10 @@ def test_redis_killed_mid_run_gives_a_clear_retried_error_then_stops_on_the_lost
         store.pull(1, "learner")
     with pytest.raises(replay.StoreLostError, match="ack of group group-0"):
         store.ack(d)
-    assert redis.Redis(port=throwaway_redis.port).dbsize() == 0
     # A process that joins later with the run's epoch is refused too; one without an epoch starts a new store.
     with pytest.raises(replay.StoreLostError, match=store.epoch):
         replay.open_store(url, epoch=store.epoch, **OUTAGE)
+    assert redis.Redis(port=throwaway_redis.port).dbsize() == 0  # nothing was written to the empty Redis
     fresh = replay.open_store(url, **OUTAGE)
     assert fresh.epoch != store.epoch and fresh.push(held) is not None
 
