@@ -31,13 +31,14 @@ from learner.checkpoint import (
     verify_checkpoint,
 )
 from learner.config import Config, dump_config
+from learner.store_identity import EPOCH_FILE
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 SET_ASIDE = "set_aside"
 # What a run leaves in its output directory (a scale request alone does not make it an earlier run).
-RUN_FILES = ("checkpoints", "metrics.jsonl", "replay", CONFIG_FILE, "samples", "reward_curve.png",
+RUN_FILES = ("checkpoints", "metrics.jsonl", "replay", EPOCH_FILE, CONFIG_FILE, "samples", "reward_curve.png",
              "reference_buffer", "reference_buffer.json")
 
 

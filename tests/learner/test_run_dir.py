@@ -61,6 +61,11 @@ def test_a_new_run_refuses_a_directory_with_an_earlier_run_that_has_no_checkpoin
         driver.train(load_config(None, SMALL), out, resume=True)
     assert _snapshot(out) == before and no_actors == []
     assert driver.main(["--output", str(out), *SMALL]) == 2
+    only_epoch = tmp_path / "epoch_only"  # the store identity a started run records is an earlier run's too
+    only_epoch.mkdir()
+    (only_epoch / "replay_epoch.json").write_text('{"epoch": "abc@2026-01-01T00:00:00Z"}')
+    with pytest.raises(FileExistsError, match=r"\(replay_epoch\.json\)"):
+        driver.train(load_config(None, SMALL), only_epoch)
 
 
 def test_a_new_run_may_use_an_empty_or_new_directory(tmp_path, no_actors):
