@@ -3,7 +3,7 @@
 The codec guarantees a record is well-formed and internally consistent; it cannot know the policy.
 A group that decodes but that this learner cannot use (latents of another geometry, values that are
 not finite, rewards that are not finite where marked valid, a prompt the policy's text encoder
-refuses, a policy version from the future, an exploration the objective cannot train on) would make
+refuses, a policy version no run could have reached, an exploration the objective cannot train on) would make
 the update raise or turn the adapter into NaN, and, redelivered, stop every restarted learner
 again. Such a group is quarantined instead: dead-lettered with its reason, removed from the queue
 (or the reference buffer) so it never returns, and counted per reason (`groups_quarantined_total`).
@@ -72,7 +72,8 @@ def check_group(group: CandidateGroup, geometry: PolicyGeometry, config: Config,
         raise GroupRejected(
             "geometry",
             f"pivot_inputs {list(group.pivot_inputs.shape)} with {group.num_chunks} chunks; the policy needs "
-            f"[G, T={g.num_steps}, f={g.frames_per_chunk}, C, H, W = {list(g.latent_shape)}] with {g.num_chunks} chunks",
+            f"[G, T={g.num_steps}, f={g.frames_per_chunk}, C, H, W = {list(g.latent_shape)}] "
+            f"with {g.num_chunks} chunks",
         )
     if not 2 <= G <= g.max_group_size:
         raise GroupRejected("geometry", f"group_size {G} is outside 2..{g.max_group_size} (algorithm.group_size)")
@@ -87,8 +88,12 @@ def check_group(group: CandidateGroup, geometry: PolicyGeometry, config: Config,
     if not bool(((group.timesteps >= 0) & (group.timesteps <= g.num_train_timesteps)).all()):
         raise GroupRejected("geometry", f"timesteps {group.timesteps.tolist()} outside 0..{g.num_train_timesteps}")
     _check_rewards(group, config)
-    if not 0 <= group.policy_version <= version:
-        raise GroupRejected("policy_version", f"policy version {group.policy_version} is newer than the learner's {version}")
+    # A learner restored from its checkpoint can meet groups of the versions it lost (at most one
+    # checkpoint interval and the iteration in flight ahead); anything further ahead is corrupt.
+    ahead = config.run.checkpoint_every + 1
+    if not 0 <= group.policy_version <= version + ahead:
+        raise GroupRejected("policy_version", f"policy version {group.policy_version} is more than {ahead} versions "
+                            f"(run.checkpoint_every + 1) ahead of the learner's {version}")
     try:
         encode_prompt(group.prompt)
     except PROMPT_ERRORS as err:

@@ -228,7 +228,8 @@ class Learner:
 
     def _guarded_step(self, loss: float, group_ids: list[str]) -> tuple[bool, float]:
         """The optimiser step, taken only if `loss` and the gradients are finite: (taken, gradient norm)."""
-        stepped, grad_norm = self.guard.step(self.optimizer, self.params, loss, self.config.algorithm.max_grad_norm, group_ids)
+        max_norm = self.config.algorithm.max_grad_norm
+        stepped, grad_norm = self.guard.step(self.optimizer, self.params, loss, max_norm, group_ids)
         self.nonfinite_steps += not stepped
         return stepped, grad_norm
 
@@ -320,7 +321,8 @@ class Learner:
         """The groups of the checkpoint before the restored one were acked before the restored one was
         written: if the store lists none of them as applied, its applied set was lost (the restored
         checkpoint's own groups are acked again by the restore, so they cannot tell)."""
-        older = [p for p in checkpoints_newest_first(self.checkpoint_root) if int(p.name[len(CHECKPOINT_PREFIX):]) < iteration]
+        older = [p for p in checkpoints_newest_first(self.checkpoint_root)
+                 if int(p.name[len(CHECKPOINT_PREFIX):]) < iteration]
         applied = read_checkpoint_state(older[0]).applied_group_ids if older else []
         if applied and not any(self.store.is_applied(g) for g in applied):
             raise StoreLostError(

@@ -13,8 +13,9 @@ Layout of a payload (a complete Arrow IPC *file*: `pyarrow.ipc.open_file` reads 
 `decode` treats its input as untrusted: anything wrong (not Arrow, truncated, wrong schema version,
 checksum mismatch, shapes that disagree with the header, a compressed body, declared tensors above
 the reader's ceiling) raises `CorruptRecordError`, never another exception type; sizes are checked
-from the footer, the schema and the batch's metadata before any tensor is read. With a writable input (bytearray, writable memoryview) the returned tensors are views
-of the input buffer (zero-copy); with read-only input (bytes) each tensor is copied once.
+from the footer, the schema and the batch's metadata before any tensor is read. With a writable
+input (bytearray, writable memoryview) the returned tensors are views of the input buffer
+(zero-copy); with read-only input (bytes) each tensor is copied once.
 """
 
 from __future__ import annotations
@@ -301,7 +302,9 @@ def _uncompressed_batch_message(buf: pa.Buffer) -> pa.ipc.Message:
     messages = pa.ipc.MessageReader.open_stream(buf.slice(8))  # past the file magic: the stream format
     first, second = messages.read_next_message(), messages.read_next_message()
     if first.type != "schema" or second.type != "record batch":
-        raise CorruptRecordError("format", f"messages are {first.type!r}, {second.type!r}; expected a schema, a record batch")
+        raise CorruptRecordError(
+            "format", f"messages are {first.type!r}, {second.type!r}; expected a schema, then a record batch"
+        )
     meta = second.metadata.to_pybytes()
     root = struct.unpack_from("<I", meta, 0)[0]
     header_field = _table_field(meta, root, 2)

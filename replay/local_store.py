@@ -249,7 +249,8 @@ class LocalStore(ReplayStore):
             name = f"buffer-{entry['file']}"
             with contextlib.suppress(FileNotFoundError):
                 (self.root / "buffer" / entry["file"]).replace(self.root / "dead" / name)
-            (self.root / "dead" / f"{name}.reason").write_text(json.dumps({"entry": "buffer", "gid": group_id, "reason": reason}))
+            letter = {"entry": "buffer", "gid": group_id, "reason": reason}
+            (self.root / "dead" / f"{name}.reason").write_text(json.dumps(letter))
             state["dead"].append(name)
             _bump(state, "quarantined")
             self._trim_dead(state)

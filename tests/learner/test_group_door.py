@@ -62,7 +62,7 @@ def poison(kind: str):
     if kind == "unencodable_prompt":
         return g.model_copy(update={"prompt": "a purple elephant juggling"}), "prompt"
     if kind == "future_version":
-        return g.model_copy(update={"policy_version": 7}), "policy_version"
+        return g.model_copy(update={"policy_version": 1000}), "policy_version"
     raise ValueError(kind)
 
 
