@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 POCKET_CONFIG = CONFIG_DIR / "pocket.yaml"
@@ -135,6 +135,15 @@ class ReplaySettings(_Section):
     buffer_groups: Int = Field(100, ge=1)  # semi-on-policy reference buffer size
     import_buffer: Path | None = None  # reuse an exported reference buffer instead of collecting one
     export_buffer: StrictBool = True
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str | None) -> str | None:
+        # Checked here so that a mistyped URL is reported redacted, before any process opens it.
+        scheme = url.split("://", 1)[0].lower() if url and "://" in url else ""
+        if scheme not in ("", "redis", "rediss", "file"):
+            raise ValueError(f"unknown scheme {scheme!r} in {redact_secrets(url)}; use redis://, rediss:// or file://")
+        return url
 
 
 class RunSettings(_Section):

@@ -72,6 +72,8 @@ def find_resume_point(output: Path, config: Config, resume_from: str | None = No
         try:
             path = latest_checkpoint(root)
         except CheckpointNotFound as err:
+            if checkpoints_newest_first(root):  # `latest` lost or naming a directory that is gone
+                raise ResumeError(f"{err}\n{_offer_intact(root, None, adapter, rank)}") from None
             raise ResumeError(_nothing_to_resume(output, err)) from None
         state = _verify(root, path, adapter, rank)
         return ResumePoint(path, state, state.run_tag or output.name)
@@ -151,18 +153,18 @@ def _nothing_to_resume(output: Path, err: Exception) -> str:
     return f"nothing to resume: {err}"
 
 
-def _offer_intact(root: Path, damaged: Path, adapter: str, rank: int) -> str:
-    """Name the newest intact checkpoint older than `damaged`, and how to continue from it."""
+def _offer_intact(root: Path, damaged: Path | None, adapter: str, rank: int) -> str:
+    """Name the newest intact checkpoint older than `damaged` (any, if None), and how to continue from it."""
     problems = []
     for path in checkpoints_newest_first(root):
-        if _iteration(path) >= _iteration(damaged):
+        if damaged is not None and _iteration(path) >= _iteration(damaged):
             continue
         try:
             state = verify_checkpoint(path, adapter, rank)
         except (CheckpointDamaged, ValueError) as err:
             problems.append(str(err))
             continue
-        return (f"The newest intact checkpoint is {path.name} (iteration {state.iteration}, policy version "
+        return (f"The newest intact checkpoint{'' if damaged is None else ' before it'} is {path.name} (iteration {state.iteration}, policy version "
                 f"{state.policy_version}). To continue from it, run again with `--resume --resume-from {path.name}`: "
                 f"the checkpoints after it move to {root / SET_ASIDE} and its later iterations are trained again.")
     return "No older intact checkpoint was found" + (f" ({'; '.join(problems)})" if problems else "") + "."

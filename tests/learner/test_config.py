@@ -145,3 +145,11 @@ def test_passwords_in_urls_are_redacted_in_the_dumped_config():
     assert cfg.replay.url == "redis://:s3cret-pw@redis.internal:6380/2?prefix=run7"  # the run itself still has it
     assert redact_secrets("rediss://user:p%40ss@h/0 and file:///a/b") == "rediss://user:***@h/0 and file:///a/b"
     assert redact_secrets("redis://user@host:6379/0") == "redis://user@host:6379/0"  # no password, nothing to hide
+
+
+def test_a_mistyped_store_url_is_refused_without_showing_its_password():
+    with pytest.raises(ConfigError, match=r"replay\.url: Value error, unknown scheme 'redsi' in redsi://:\*\*\*@h:6379/0") as err:
+        load_config(None, ["replay.url='redsi://:hunter2@h:6379/0'"])
+    assert "hunter2" not in str(err.value)
+    assert load_config(None, ["replay.url='rediss://u:pw@h:6380/1?prefix=a'"]).replay.url.startswith("rediss://")
+    assert load_config(None, ["replay.url=runs/replay"]).replay.url == "runs/replay"  # a plain directory

@@ -95,9 +95,18 @@ def test_resume_from_a_damaged_checkpoint_writes_nothing_and_names_the_newest_in
         driver.train(load_config(None, SMALL + ["algorithm.learning_rate=3e-4"]), out, resume=True)
     message = str(err.value)
     assert "iter_000002 is damaged: adapter/adapter_model.safetensors does not match its SHA-256" in message
-    assert "newest intact checkpoint is iter_000001 (iteration 1, policy version 1)" in message
+    assert "newest intact checkpoint before it is iter_000001 (iteration 1, policy version 1)" in message
     assert "--resume --resume-from iter_000001" in message
     assert _snapshot(out) == before and no_actors == []  # config.yaml kept, nothing written
+
+
+def test_resume_without_a_latest_pointer_offers_the_newest_intact_checkpoint(tmp_path, no_actors):
+    out = tmp_path / "run"
+    _run_with_checkpoints(out, damaged_latest=True)
+    (out / "checkpoints" / "latest").unlink()
+    with pytest.raises(ResumeError, match=r"missing .*latest\)\nThe newest intact checkpoint is iter_000001 .*--resume-from iter_000001"):
+        driver.train(load_config(None, SMALL), out, resume=True)
+    assert no_actors == []
 
 
 def test_resume_from_the_intact_checkpoint_sets_the_newer_aside_and_keeps_the_first_config(tmp_path, no_actors, caplog):
