@@ -63,6 +63,10 @@ def train(
     alg, run = config.algorithm, config.run
     check_reward_settings(config.reward, alg)
     prompts = load_prompts(config.rollout.prompts)
+    try:
+        num_chunks = get_preset(config.policy.preset).num_chunks
+    except KeyError as err:
+        raise ConfigError(f"policy.preset: {err.args[0] if err.args else err}") from None
     eval_prompts, eval_seeds = eval_set(load_prompts(config.rollout.eval_prompts), run.eval_seeds, run.eval_prompts_limit, run.seed)
     point = find_resume_point(output, config, resume_from) if resume else None
     if point is None:
@@ -74,7 +78,7 @@ def train(
     write_config_records(output, config, resume)
     metrics_log = MetricsLog(output / "metrics.jsonl")
     run_tag = point.run_tag if point is not None else output.name
-    sampler = TaskSampler(config, prompts, get_preset(config.policy.preset).num_chunks, run_tag)
+    sampler = TaskSampler(config, prompts, num_chunks, run_tag)
 
     system = System.start(config, output, **system_options)
     try:

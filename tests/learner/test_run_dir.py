@@ -141,12 +141,14 @@ def test_resume_refuses_a_checkpoint_of_another_rank_before_writing(tmp_path, no
     assert _snapshot(out) == before and no_actors == []
 
 
-def test_reward_heads_and_model_are_checked_before_anything_starts(tmp_path, no_actors):
+def test_reward_heads_model_and_preset_are_checked_before_anything_starts(tmp_path, no_actors):
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"reward\.weights: 'XQ' is not a head of reward model 'pocket'"):
         driver.train(load_config(None, SMALL + ["reward.weights={VQ: 1.0, XQ: 1.0}"]), out)
     with pytest.raises(ConfigError, match=r"reward\.model: unknown reward 'pocket_v2'"):
         driver.train(load_config(None, SMALL + ["reward.model=pocket_v2"]), out)
+    with pytest.raises(ConfigError, match=r"policy\.preset: unknown policy preset 'pocket2'; known: .*'pocket'"):
+        driver.train(load_config(None, SMALL + ["policy.preset=pocket2"]), out)
     assert not out.exists() and no_actors == []
     assert driver.main(["--output", str(out), *SMALL, "reward.model=pocket_v2"]) == 2
 
