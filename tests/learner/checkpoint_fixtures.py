@@ -19,7 +19,7 @@ ADAPTER = "on_policy"
 RANK = 4
 
 
-def adapted_transformer(seed: int = 0) -> torch.nn.Module:
+def adapted_transformer() -> torch.nn.Module:
     return attach_adapter(new_transformer(0), ADAPTER, rank=RANK, alpha=2 * RANK)
 
 

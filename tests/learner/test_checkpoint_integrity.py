@@ -10,7 +10,7 @@ import torch
 
 from checkpoint_fixtures import ADAPTER, adapted_transformer, flip_tensor_byte, rewrite_state, write_checkpoint
 from learner.checkpoint import CheckpointDamaged, load_learner_checkpoint, verify_checkpoint
-from learner.checkpoint_manifest import MANIFEST, sha256_file
+from learner.checkpoint_manifest import MANIFEST, sha256_file, write_manifest
 
 
 def _lora(transformer) -> dict[str, torch.Tensor]:
@@ -105,8 +105,6 @@ def test_a_broken_state_json_names_the_file_and_the_field(tmp_path, update, drop
 def test_state_json_that_is_not_json_names_the_file(tmp_path):
     path, _ = write_checkpoint(tmp_path, 2)
     (path / "state.json").write_text('{"iteration": 2, "adap')
-    from learner.checkpoint_manifest import write_manifest
-
     write_manifest(path)
     with pytest.raises(CheckpointDamaged, match=r"state\.json is not valid JSON"):
         verify_checkpoint(path)
