@@ -8,6 +8,8 @@ project's Redis under a key prefix of the test's own.
 2. The store loses its data mid-run (every key under the run's prefix deleted after iteration 1, as a
    Redis restarted without persistence would): the run stops with StoreLostError at its next push,
    nothing is recreated in the store, nothing was applied twice; a --resume is refused the same way.
+3. The reward server's process is killed while iteration 1's groups are being scored: Ray restarts it,
+   the workers' scoring calls are made again, no group is dropped and every group is applied once.
 
 Counted from independent sources: the sampler's task ids, Redis' applied set, counters and dead
 letters, the checkpoints' applied ids, metrics.jsonl and the driver's metrics facade."""
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -137,3 +140,30 @@ def test_a_store_that_loses_its_data_mid_run_stops_the_run_and_nothing_is_applie
     with pytest.raises(StoreLostError, match="has no run epoch"):  # nor by a resume
         train(config, output, resume=True, worker_cls=PoisonRolloutWorker, worker_kwargs=_worker_kwargs({}))
     assert list(client.scan_iter(match=redis_prefix + "*")) == []
+
+
+def test_the_reward_server_killed_mid_run_is_restarted_and_every_group_applied_once(
+        ray_cluster, untrained_pocket_weights, redis_prefix, tmp_path):
+    iterations = 3
+    output = tmp_path / "reward-restart"
+    config = _config(untrained_pocket_weights, redis_prefix, iterations)
+    ids = _task_ids(config, output, iterations)
+    seen = {}
+
+    def on_iteration(system, row):
+        scored = ray.get(system.reward_server.metrics.remote())["samples"]
+        seen[row["iteration"]] = scored
+        if row["iteration"] == 0:  # killed while the next iteration's groups are being scored
+            threading.Timer(0.3, lambda: ray.kill(system.reward_server, no_restart=False)).start()
+
+    rows = train(config, output, on_iteration=on_iteration, worker_cls=PoisonRolloutWorker, worker_kwargs=_worker_kwargs({}))
+
+    assert [r["groups"] for r in rows] == [GROUPS] * iterations and sum(r["groups_dropped"] for r in rows) == 0
+    applied = _applied_by_checkpoints(output)
+    assert sorted(applied) == sorted(g for row in ids for g in row) and len(set(applied)) == len(applied)
+    with open_store(f"{REDIS_URL}?prefix={redis_prefix}") as store:
+        stats = store.stats()
+    assert (stats.acked, stats.quarantined, stats.queue_length) == (GROUPS * iterations, 0, 0)
+    # The restarted server counts from zero: by the end it has scored fewer videos than the run did.
+    group_size = config.algorithm.group_size
+    assert seen[0] >= GROUPS * group_size and seen[iterations - 1] < GROUPS * group_size * iterations
