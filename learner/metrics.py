@@ -12,7 +12,10 @@ processes on that node record, in Prometheus text on the node's metrics-export p
 - a histogram gives `<name>_bucket{le=...}`, `<name>_sum` and `<name>_count`. Ray rebuilds `_sum`
   from bucket midpoints, so a mean from `_sum / _count` is an estimate; bucket counts are exact.
 - every series also carries Ray's own labels (`SessionName`, `NodeAddress`, `WorkerId`, ...), so
-  dashboards aggregate with `sum by (...)` / `max by (...)`.
+  dashboards aggregate with `sum by (...)` / `max by (...)`;
+- a gauge set to NaN has no sample at all (Ray's exporter drops it; the previous value is not kept):
+  the facade passes NaN through, so an iteration whose loss or reward is NaN leaves a gap, never a
+  0.0. Skipped non-finite optimiser steps are counted in `nonfinite_steps_total`.
 
 Ray's agent forgets a gauge two report intervals (20 s by default) after the process last set it,
 and a process only reports a gauge when it is set. A gauge set once per iteration (minutes on GPUs)
