@@ -237,6 +237,12 @@ class LocalStore(ReplayStore):
             self._unlink("dead", old)
             self._unlink("dead", f"{old}.reason")
 
+    def mark_applied(self, group_ids: list[str]) -> int:
+        with self._locked() as state:
+            new = [g for g in dict.fromkeys(group_ids) if g not in set(state["applied"])]
+            state["applied"].extend(new)
+            return len(new)
+
     def quarantine(self, delivery: Delivery, reason: str) -> None:
         entry = {"group_id": delivery.group_id, "file": delivery.handle}
         self._dead_letter([(delivery.entry_id, entry, reason)], counter="quarantined")

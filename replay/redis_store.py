@@ -330,6 +330,10 @@ class RedisStore(RedisBuffer, ReplayStore):
             raise self._lost(f"ack of group {delivery.group_id}")
         return bool(result)
 
+    def mark_applied(self, group_ids: list[str]) -> int:
+        pieces = [group_ids[i : i + 10_000] for i in range(0, len(group_ids), 10_000)]
+        return sum(int(self._retry(lambda p=p: self._redis.sadd(self._applied, *p), "mark_applied")) for p in pieces)
+
     def quarantine(self, delivery: Delivery, reason: str) -> None:
         letter = {"entry": delivery.entry_id, "gid": delivery.group_id, "reason": reason}
         self._finish(delivery.entry_id, list(delivery.handle or []), "quarantined", dead_letter=letter)

@@ -196,6 +196,11 @@ class ReplayStore(abc.ABC):
         ...
 
     @abc.abstractmethod
+    def mark_applied(self, group_ids: list[str]) -> int:
+        """Add group ids applied elsewhere to the applied set (a resumed run rebuilds a lost applied set
+        from its checkpoints); returns how many were not there."""
+
+    @abc.abstractmethod
     def quarantine(self, delivery: Delivery, reason: str) -> None:
         """Dead-letter a delivered group its consumer cannot use (with `reason`) and remove it from
         the queue without applying it, so it is never delivered again; counted as `quarantined`."""

@@ -28,9 +28,10 @@ def lost_error(where: str, expected: str, found: str | None, seen_in: str) -> St
         f"the replay store {where} {state}, but this run's store has epoch {expected} (noticed during {seen_in}): "
         "the store lost its data (e.g. Redis restarted without persistence, or its keys were deleted). "
         "Queued and pending groups, the counters and the applied set are gone; nothing more was written to it. "
-        "Run Redis with persistence (appendonly yes). To continue, resume from the newest checkpoint with "
-        "`python -m learner.main --resume --output <dir>` on a store that still holds this run's data, or start "
-        "a new run with a new --output (and a new replay.url prefix)."
+        "Run Redis with persistence (appendonly yes). To continue from the newest checkpoint on this store, "
+        "delete <output>/replay_epoch.json and run `python -m learner.main --resume --output <output>`: the "
+        "applied set is rebuilt from the checkpoints, and the groups produced since the newest checkpoint are "
+        "produced again (each is still applied once)."
     )
 
 

@@ -8,6 +8,8 @@ project's Redis under a key prefix of the test's own.
 2. The store loses its data mid-run (every key under the run's prefix deleted after iteration 1, as a
    Redis restarted without persistence would): the run stops with StoreLostError at its next push,
    nothing is recreated in the store, nothing was applied twice; a --resume is refused the same way.
+   Following the error's instructions (delete replay_epoch.json, --resume) the run finishes on the
+   emptied store: its applied set is rebuilt from the checkpoints and every group is applied once.
 3. The reward server's process is killed while iteration 1's groups are being scored: Ray restarts it,
    the workers' scoring calls are made again, no group is dropped and every group is applied once.
 
@@ -114,7 +116,7 @@ def test_poison_of_every_kind_in_a_running_run_is_quarantined_and_every_good_gro
     assert quarantined_seen == expected
 
 
-def test_a_store_that_loses_its_data_mid_run_stops_the_run_and_nothing_is_applied_twice(
+def test_a_store_that_loses_its_data_mid_run_stops_the_run_and_a_resume_applies_every_group_once(
         ray_cluster, untrained_pocket_weights, redis_prefix, tmp_path):
     iterations = 4
     output = tmp_path / "lost"
@@ -140,6 +142,16 @@ def test_a_store_that_loses_its_data_mid_run_stops_the_run_and_nothing_is_applie
     with pytest.raises(StoreLostError, match="has no run epoch"):  # nor by a resume
         train(config, output, resume=True, worker_cls=PoisonRolloutWorker, worker_kwargs=_worker_kwargs({}))
     assert list(client.scan_iter(match=redis_prefix + "*")) == []
+
+    (output / "replay_epoch.json").unlink()  # what the error says to do to continue on the emptied store
+    rows = train(config, output, resume=True, worker_cls=PoisonRolloutWorker, worker_kwargs=_worker_kwargs({}))
+    assert [r["iteration"] for r in rows] == list(range(iterations))
+    applied = _applied_by_checkpoints(output)
+    every = sorted(g for row in ids for g in row)
+    assert sorted(applied) == every and len(set(applied)) == len(applied)
+    with open_store(f"{REDIS_URL}?prefix={redis_prefix}") as store:
+        assert all(store.is_applied(g) for g in every)
+        assert (store.stats().queue_length, store.stats().pending) == (0, 0)
 
 
 def test_the_reward_server_killed_mid_run_is_restarted_and_every_group_applied_once(

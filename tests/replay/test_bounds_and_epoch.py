@@ -139,3 +139,12 @@ def test_the_run_epoch_is_kept_across_processes_and_a_replaced_store_is_refused(
         store.push(group(1))
     with pytest.raises(replay.StoreLostError):
         make_store(epoch=epoch)
+
+
+def test_mark_applied_rebuilds_an_applied_set_and_refuses_those_groups_again(make_store):
+    store = make_store()
+    assert store.mark_applied(["group-0", "group-1", "group-0"]) == 2
+    assert store.mark_applied(["group-1", "group-2"]) == 1
+    assert store.push(group(1)) is None and store.push(group(3)) is not None  # group-1 counts as applied
+    assert [d.group_id for d in store.pull(5, "learner")] == ["group-3"]
+    assert all(store.is_applied(f"group-{i}") for i in range(3)) and not store.is_applied("group-3")
