@@ -187,3 +187,14 @@ def test_a_store_whose_applied_set_was_lost_is_refused_at_restore(untrained_pock
         second.restore_latest()
     client.sadd(redis_prefix + "applied", *applied)  # with its applied set the store is this run's again
     assert second.restore_latest()["iteration"] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_door_counts_nonfinite_values_exactly_even_when_finite_values_overflow_their_sum(dtype):
+    from learner.group_validation import _count_nonfinite
+
+    big = torch.full((1000,), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert not torch.isfinite(big.sum()) and _count_nonfinite(big) == 0  # finite values, an overflowing sum
+    big[[3, 500]] = torch.tensor([math.nan, -math.inf], dtype=dtype)
+    assert _count_nonfinite(big) == 2
+    assert _count_nonfinite(torch.randn(10_000).to(dtype)) == 0
