@@ -10,6 +10,11 @@ Exactly-once application on top of the queue's at-least-once delivery: a group's
 only after a checkpoint containing its update is on disk; the checkpoint records the ids it applied,
 so a learner restored from it skips (and acks) those if they are delivered again, and re-applies
 the ones whose update the crash lost.
+
+Every group is checked against the policy at the door (`learner.group_validation`): one it cannot
+use is quarantined (dead-lettered with its reason, never delivered again) and the run goes on. Every
+optimiser step goes through `learner.nonfinite_guard`: a step with a non-finite loss or gradient is
+skipped, and `algorithm.max_nonfinite_steps` of them in a row stop the run.
 """
 
 from __future__ import annotations
@@ -18,20 +23,31 @@ import logging
 import math
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from learner.checkpoint import CheckpointNotFound, latest_checkpoint, load_learner_checkpoint, save_learner_checkpoint
+from learner.checkpoint import (
+    CHECKPOINT_PREFIX,
+    CheckpointNotFound,
+    checkpoints_newest_first,
+    latest_checkpoint,
+    load_learner_checkpoint,
+    read_checkpoint_state,
+    save_learner_checkpoint,
+)
 from learner.config import Config
+from learner.group_validation import GroupRejected, PolicyGeometry, check_group
+from learner.nonfinite_guard import NonFiniteGuard
 from learner.nft_trainer import CHECKPOINT_ADAPTERS, NftTrainer
 from learner.objectives import sample_anchors
 from learner.policy_factory import add_adapter, build_configured_policy
 from learner.updates import GroupLoss, copo_group_loss, sde_grpo_group_loss
 from policy.lora import export_adapter_state
-from replay import Delivery, ReplayUnavailableError, open_store
+from replay import Delivery, ReplayUnavailableError, StoreLostError, open_store
 from replay.record import CandidateGroup
 from reward_service.multi_reward import group_advantages
 
@@ -50,7 +66,13 @@ class Learner:
         self.optimizer = torch.optim.AdamW(self.params, lr=alg.learning_rate, weight_decay=alg.weight_decay)
         # NFT keeps an EMA "old" adapter (the sampling policy, what is broadcast) and a reference adapter.
         self.nft = NftTrainer(self.policy, self.adapter, alg, self.config.reward, self.config.run.seed) if alg.objective == "nft" else None
-        self.store = open_store(store_url)
+        self.geometry = PolicyGeometry.of(self.policy, self.config)
+        # Records larger than the largest group this policy can use are refused before they are read.
+        self.store = open_store(store_url, max_record_bytes=self.geometry.max_record_bytes())
+        self.guard = NonFiniteGuard(alg.max_nonfinite_steps)
+        self.quarantined: Counter[str] = Counter()  # this iteration's quarantined groups, by reason
+        self.nonfinite_steps = 0  # this iteration's skipped optimiser steps
+        self.reference_verdicts: dict[str, bool] = {}  # buffer groups checked at the door: usable or not
         self.checkpoint_root = Path(checkpoint_root)
         self.consumer = consumer
         self.version = 0
@@ -97,15 +119,16 @@ class Learner:
         seen = {d.group_id for d in self.unacked}
         taken: list[Delivery] = []
         deadline = time.monotonic() + timeout_s
-        try:
-            while len(taken) < num_groups and time.monotonic() < deadline:
+        try:  # a quarantined group counts as one of the `num_groups` produced: it will not come back
+            while len(taken) + sum(self.quarantined.values()) < num_groups and time.monotonic() < deadline:
                 block_ms = int(max(1, min(1000, (deadline - time.monotonic()) * 1000)))
-                for d in self._pull(num_groups - len(taken), block_ms, min_version):
+                wanted = num_groups - len(taken) - sum(self.quarantined.values())
+                for d in self._pull(wanted, block_ms, min_version):
                     if d.group_id in self.restored_applied:
                         self.store.ack(d)  # its update is in the restored checkpoint
                     elif d.group_id in seen:
                         self.unacked.append(d)  # a second delivery of a group already applied
-                    else:
+                    elif self._admit(d.group, lambda reason, d=d: self.store.quarantine(d, reason)):
                         seen.add(d.group_id)
                         taken.append(d)
         except ReplayUnavailableError:
@@ -130,6 +153,24 @@ class Learner:
         finally:
             self.store.options = options
 
+    def _admit(self, group: CandidateGroup, quarantine) -> bool:
+        """True if this learner can use `group`; otherwise `quarantine(reason)` and count it."""
+        try:
+            check_group(group, self.geometry, self.config, self.version, lambda p: self.policy.text_conditioning([p]))
+        except GroupRejected as err:
+            log.warning("quarantined group %s (policy version %d): %s", group.group_id, group.policy_version, err)
+            quarantine(str(err))
+            self.quarantined[err.reason] += 1
+            return False
+        return True
+
+    def _usable_reference(self, group: CandidateGroup) -> bool:
+        """`_admit` for a buffer group, checked once (a group drawn again is not checked again)."""
+        if group.group_id not in self.reference_verdicts:
+            quarantine = lambda reason: self.store.buffer_quarantine(group.group_id, reason)  # noqa: E731
+            self.reference_verdicts[group.group_id] = self._admit(group, quarantine)
+        return self.reference_verdicts[group.group_id]
+
     def _advantages(self, group: CandidateGroup) -> torch.Tensor:
         weights = self.config.reward.weights
         scores = {h: group.rewards[h].numpy() for h in weights}
@@ -143,9 +184,7 @@ class Learner:
         if alg.objective == "copo":
             pick = sample_anchors(len(valid), min(alg.anchors_per_group, len(valid)), self.anchor_rng)
             return copo_group_loss(self.policy, group, adv, valid[pick], alg.tau, alg.effective_clip_eps)
-        if alg.objective == "sde_grpo":
-            if group.exploration != "renoise":
-                raise ValueError(f"group {group.group_id} forks the initial noise; SDE-GRPO needs re-noise forks")
+        if alg.objective == "sde_grpo":  # re-noise forks only: checked at the door (group_validation)
             return sde_grpo_group_loss(self.policy, group, adv, valid, alg.effective_clip_eps, alg.sde_eta)
         raise NotImplementedError(f"objective {alg.objective!r} is trained by its own learner")
 
@@ -156,7 +195,7 @@ class Learner:
         usable = [(g, a) for g, a in zip(groups, advantages) if bool(a.abs().sum() > 0)]
         if self.nft is not None:
             self.policy.transformer.train()
-            stats = self.nft.train(usable, self.optimizer, self.params)
+            stats = self.nft.train(usable, self.optimizer, self.params, self._guarded_step)
             self.policy.transformer.eval()
             heads = list(self.config.reward.weights)
             per_head = {h: _mean([float(g.rewards[h][g.reward_valid].mean()) for g in groups if g.reward_valid.any()]) for h in heads}
@@ -172,9 +211,8 @@ class Learner:
                 step_losses.append(out.loss.item())
                 clip_fracs.append(out.clip_fraction)
                 deviations.append(out.ratio_deviation)
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, alg.max_grad_norm)))
-            self.optimizer.step()
             losses.append(sum(step_losses) / len(step_losses))
+            grad_norms.append(self._guarded_step(losses[-1], [g.group_id for g, _ in usable])[1])
         self.policy.transformer.eval()
         heads = list(self.config.reward.weights)
         per_head = {h: _mean([float(g.rewards[h][g.reward_valid].mean()) for g in groups if g.reward_valid.any()]) for h in heads}
@@ -188,6 +226,13 @@ class Learner:
             "group_reward_means": per_head,
         }
 
+    def _guarded_step(self, loss: float, group_ids: list[str]) -> tuple[bool, float]:
+        """The optimiser step, taken only if `loss` and the gradients are finite: (taken, gradient norm)."""
+        max_norm = self.config.algorithm.max_grad_norm
+        stepped, grad_norm = self.guard.step(self.optimizer, self.params, loss, max_norm, group_ids)
+        self.nonfinite_steps += not stepped
+        return stepped, grad_norm
+
     def train_on_policy(self, num_groups: int, timeout_s: float = 600.0) -> dict:
         t0 = time.perf_counter()
         deliveries = self._pull_on_policy(num_groups, timeout_s)
@@ -198,7 +243,13 @@ class Learner:
 
     def train_from_buffer(self, num_groups: int) -> dict:
         t0 = time.perf_counter()
-        groups = self.store.buffer_sample(num_groups, self.buffer_rng)
+        groups: list[CandidateGroup] = []
+        for _ in range(3):  # a quarantined reference group leaves the buffer: draw again in its place
+            drawn = self.store.buffer_sample(num_groups - len(groups), self.buffer_rng)
+            kept = [g for g in drawn if self._usable_reference(g)]
+            groups += kept
+            if len(kept) == len(drawn):
+                break
         if not groups:
             raise RuntimeError("the semi-on-policy buffer is empty: collect or import reference groups first")
         return self._finish_iteration(self.train_groups(groups), t0)
@@ -207,7 +258,10 @@ class Learner:
         self.iteration += 1
         self.version += 1
         self._adapter_ref = None
-        stats.update(policy_version=self.version, update_s=time.perf_counter() - t0)
+        stats.update(policy_version=self.version, update_s=time.perf_counter() - t0,
+                     quarantined=dict(self.quarantined), nonfinite_steps=self.nonfinite_steps)
+        self.nonfinite_steps = 0
+        self.quarantined.clear()  # kept until here: a pull made again after an outage still counts them
         return stats
 
     # ------------------------------------------------------------------ checkpoints
@@ -242,6 +296,7 @@ class Learner:
             self.nft.load_state_dict(state.get("nft", {}))
         self.iteration, self.version = int(state["iteration"]), int(state["policy_version"])
         self.restored_applied = set(state["applied_group_ids"])
+        self._check_applied_set(int(state["iteration"]))
         self._ack_restored(state.get("unacked", []))
         self.anchor_rng.set_state(torch.tensor(state["anchor_rng"], dtype=torch.uint8))
         self.buffer_rng.bit_generator.state = state["buffer_rng"]
@@ -261,6 +316,21 @@ class Learner:
             except ReplayUnavailableError as err:  # then they are acked when delivered again (restored_applied)
                 log.warning("acking %s after the restore failed: %s", p["group_id"], err)
                 return
+
+    def _check_applied_set(self, iteration: int) -> None:
+        """The groups of the checkpoint before the restored one were acked before the restored one was
+        written: if the store lists none of them as applied, its applied set was lost (the restored
+        checkpoint's own groups are acked again by the restore, so they cannot tell)."""
+        older = [p for p in checkpoints_newest_first(self.checkpoint_root)
+                 if int(p.name[len(CHECKPOINT_PREFIX):]) < iteration]
+        applied = read_checkpoint_state(older[0]).applied_group_ids if older else []
+        if applied and not any(self.store.is_applied(g) for g in applied):
+            raise StoreLostError(
+                f"checkpoint {older[0]} applied {len(applied)} groups, but the replay store {self.store!r} lists none "
+                f"of them as applied (e.g. {applied[0]}): its applied set was lost, and groups would be trained on a "
+                "second time. Resume on the store this run used (restore its data), or start a new run with a new "
+                "--output."
+            )
 
     def status(self) -> dict:
         return {"iteration": self.iteration, "version": self.version, "unacked": len(self.unacked)}

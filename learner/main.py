@@ -30,8 +30,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from learner.config import Config, ConfigError, dump_config, load_config
-from learner.run_log import MetricsLog, plot_reward_curves
+from learner.config import Config, ConfigError, check_reward_settings, dump_config, load_config
+from learner.run_dir import ResumeError, adopt, find_resume_point, refuse_earlier_run, write_config_records
+from learner.run_log import MetricsLog, RedactingFilter, plot_reward_curves
 from learner.system import LearnerRestored, System
 from learner.task_sampler import TaskSampler, eval_set, load_prompts
 from learner.trackers import Media, Trackers
@@ -49,24 +50,38 @@ def train(
     output: Path,
     resume: bool = False,
     on_iteration: Callable[[System, dict], None] | None = None,
+    resume_from: str | None = None,
     **system_options,
 ) -> list[dict]:
     """Run (or resume) training; returns the metrics rows. Everything lands under `output`.
 
+    Nothing is written and no actor starts until the configuration's reward model and heads, the
+    prompt sets and (on resume) the checkpoint have been checked (learner.run_dir). `resume_from`
+    names the checkpoint directory to continue from instead of the latest (implies `resume`).
     `on_iteration(system, row)` is called after each finished iteration (monitoring, tests);
     `system_options` go to `System.start` (e.g. `worker_cls=SimulatedRolloutWorker` and its
     `worker_kwargs`, as the fault tests use)."""
     output = Path(output)
-    if not resume and (output / "checkpoints" / "latest").exists():
-        raise FileExistsError(
-            f"{output} holds the checkpoints of an earlier run: pass --resume to continue it, or choose a new --output"
-        )
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "config.yaml").write_text(dump_config(config))
+    resume = resume or resume_from is not None
     alg, run = config.algorithm, config.run
-    sampler = TaskSampler(config, load_prompts(config.rollout.prompts), get_preset(config.policy.preset).num_chunks, output.name)
+    check_reward_settings(config.reward, alg)
+    prompts = load_prompts(config.rollout.prompts)
+    try:
+        num_chunks = get_preset(config.policy.preset).num_chunks
+    except KeyError as err:
+        raise ConfigError(f"policy.preset: {err.args[0] if err.args else err}") from None
     eval_prompts, eval_seeds = eval_set(load_prompts(config.rollout.eval_prompts), run.eval_seeds, run.eval_prompts_limit, run.seed)
+    point = find_resume_point(output, config, resume_from) if resume else None
+    if point is None:
+        refuse_earlier_run(output)
+    # Checked: from here on the run writes.
+    output.mkdir(parents=True, exist_ok=True)
+    if point is not None:
+        adopt(point)
+    write_config_records(output, config, resume)
     metrics_log = MetricsLog(output / "metrics.jsonl")
+    run_tag = point.run_tag if point is not None else output.name
+    sampler = TaskSampler(config, prompts, num_chunks, run_tag)
     trackers = Trackers.open(config, output, metrics_log, resume)  # metrics.jsonl and run.trackers' others
 
     system = None
@@ -74,10 +89,12 @@ def train(
         trackers.log_config(config, dump_config(config))
         system = System.start(config, output, **system_options)
         start = 0
-        if resume:
+        if point is not None:
             start = int(system.restore()["iteration"])
+            if start != point.state.iteration:  # the learner restores what `latest` names: the checked one
+                raise ResumeError(f"the learner restored iteration {start}, not the checked {point.path}")
             metrics_log.truncate_after(start)
-            log.info("resumed at iteration %d (policy version %d)", start, system.version)
+            log.info("resumed from %s at iteration %d (policy version %d)", point.path, start, system.version)
         if alg.mode != "on_policy":
             buffer = system.fill_reference_buffer(sampler.reference_tasks(config.replay.buffer_groups))
             log.info("reference buffer: %s", buffer)
@@ -111,11 +128,11 @@ def train(
                     row.update({f"base_{k}": v for k, v in baseline.items()})
                 trackers.log_iteration(row, media)  # metrics.jsonl, TensorBoard, MLflow, W&B
                 system.metrics.record_iteration(
-                    iteration=iteration, policy_version=stats["policy_version"], loss=_finite(stats["loss"]),
-                    clip_fraction=_finite(stats["clip_fraction"]), reward_mean={"combined": _finite(row["reward_mean"])},
+                    iteration=iteration, policy_version=stats["policy_version"], loss=stats["loss"],
+                    clip_fraction=stats["clip_fraction"], reward_mean={"combined": row["reward_mean"]},
                 )
                 if (iteration + 1) % run.checkpoint_every == 0 or last:
-                    system.checkpoint({"metrics_rows": iteration + 1})
+                    system.checkpoint({"metrics_rows": iteration + 1, "run_tag": sampler.run_tag})
                 if on_iteration is not None:
                     on_iteration(system, row)
             except LearnerRestored as restored:
@@ -161,6 +178,8 @@ def iteration_row(config: Config, iteration: int, stats: dict, summaries: list, 
         "groups": stats["groups"],
         "groups_without_signal": stats["groups_without_signal"],
         "groups_dropped": sum(not s.stored for s in summaries),
+        "groups_quarantined": sum(stats.get("quarantined", {}).values()),
+        "nonfinite_steps": stats.get("nonfinite_steps", 0),
         "seconds": seconds,
     }
     for phase in ("rollout", "reward", "update", "broadcast"):
@@ -192,26 +211,25 @@ def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else math.nan
 
 
-def _finite(value: float) -> float:
-    return value if math.isfinite(value) else 0.0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m learner.main", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML config (default: the pocket world, configs/pocket.yaml)")
     parser.add_argument("--output", default="runs/pocket", help="output directory (metrics, checkpoints, plots)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    parser.add_argument("--resume-from", metavar="CHECKPOINT",
+                        help="continue from this checkpoint of --output (e.g. iter_000040) instead of the latest")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.learning_rate=3e-4")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    RedactingFilter.install()
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
     try:
-        rows = train(config, Path(args.output), resume=args.resume)
-    except FileExistsError as err:
+        rows = train(config, Path(args.output), resume=args.resume, resume_from=args.resume_from)
+    except (ConfigError, FileExistsError, FileNotFoundError, ResumeError) as err:
         print(err, file=sys.stderr)
         return 2
     if rows:

@@ -12,7 +12,10 @@ processes on that node record, in Prometheus text on the node's metrics-export p
 - a histogram gives `<name>_bucket{le=...}`, `<name>_sum` and `<name>_count`. Ray rebuilds `_sum`
   from bucket midpoints, so a mean from `_sum / _count` is an estimate; bucket counts are exact.
 - every series also carries Ray's own labels (`SessionName`, `NodeAddress`, `WorkerId`, ...), so
-  dashboards aggregate with `sum by (...)` / `max by (...)`.
+  dashboards aggregate with `sum by (...)` / `max by (...)`;
+- a gauge set to NaN has no sample at all (Ray's exporter drops it; the previous value is not kept):
+  the facade passes NaN through, so an iteration whose loss or reward is NaN leaves a gap, never a
+  0.0. Skipped non-finite optimiser steps are counted in `nonfinite_steps_total`.
 
 Ray's agent forgets a gauge two report intervals (20 s by default) after the process last set it,
 and a process only reports a gauge when it is set. A gauge set once per iteration (minutes on GPUs)
@@ -93,6 +96,9 @@ METRICS: dict[str, MetricSpec] = {
         _spec("groups_consumed_total", "counter", "Candidate groups the learner pulled from replay"),
         _spec("groups_applied_total", "counter", "Candidate groups used in an optimiser update"),
         _spec("groups_dropped_total", "counter", "Candidate groups discarded, by reason", "reason"),
+        _spec("groups_quarantined_total", "counter",
+              "Candidate groups the learner could not use, dead-lettered at its door, by reason", "reason"),
+        _spec("nonfinite_steps_total", "counter", "Optimiser steps skipped: their loss or gradients were not finite"),
         _spec("replay_queue_length", "gauge", "Candidate groups waiting in the on-policy queue"),
         _spec("replay_corrupt_records_total", "counter", "Replay records rejected as corrupt"),
         _spec(
@@ -270,6 +276,20 @@ class ProjectMetrics:
 
     def count_groups_dropped(self, reason: str, n: float = 1) -> None:
         self._inc("groups_dropped_total", n, {"reason": _label("reason", reason)})
+
+    def count_groups_quarantined(self, reason: str, n: float = 1) -> None:
+        self._inc("groups_quarantined_total", n, {"reason": _label("reason", reason)})
+
+    def count_nonfinite_steps(self, n: float = 1) -> None:
+        self._inc("nonfinite_steps_total", n, {})
+
+    def record_update(self, stats: Mapping) -> None:
+        """The group and step counters of one learner update (`Learner.train_*`'s statistics)."""
+        self.count_groups_consumed(stats["groups"])
+        self.count_groups_applied(stats["groups"] - stats["groups_without_signal"])
+        for reason, n in stats.get("quarantined", {}).items():
+            self.count_groups_quarantined(reason, n)
+        self.count_nonfinite_steps(stats.get("nonfinite_steps", 0))
 
     def count_broadcast_bytes(self, nbytes: int) -> None:
         self._inc("broadcast_bytes_total", nbytes, {})

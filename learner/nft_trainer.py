@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -151,8 +152,19 @@ class NftTrainer:
             draws.append((float(t), torch.randn((branches, f, *shape), generator=self.generator)))
         return draws
 
-    def train(self, groups: list[tuple[CandidateGroup, torch.Tensor]], optimizer: torch.optim.Optimizer, params: list) -> dict:
-        """One iteration on `(group, advantages [G])` pairs that carry a signal; returns statistics."""
+    def train(self, groups: list[tuple[CandidateGroup, torch.Tensor]], optimizer: torch.optim.Optimizer, params: list,
+              guarded_step: Callable[[float, list[str]], tuple[bool, float]] | None = None) -> dict:
+        """One iteration on `(group, advantages [G])` pairs that carry a signal; returns statistics.
+
+        `guarded_step(loss, group ids)` clips the gradients and takes the optimiser step unless the
+        loss or the gradients are not finite, returning (taken, gradient norm) (the learner's
+        `NonFiniteGuard`); None clips and steps unconditionally."""
+        if guarded_step is None:
+            def guarded_step(loss: float, group_ids: list[str]) -> tuple[bool, float]:
+                norm = float(torch.nn.utils.clip_grad_norm_(params, alg.max_grad_norm))
+                optimizer.step()
+                return True, norm
+
         alg = self.alg
         copied = self.begin_epoch()
         masks = self.select(groups) if self.adapters.reference is not None and groups else [None] * len(groups)
@@ -173,9 +185,9 @@ class NftTrainer:
                         selected=None if selected is None else selected[part],
                         loss_scale=len(branches) / (len(valid) * len(groups) * len(window)),
                     )
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, alg.max_grad_norm)))
-            optimizer.step()
-            self.steps += 1
+            stepped, grad_norm = guarded_step(sum(s.loss for s in step), [g.group_id for g, _ in groups])
+            grad_norms.append(grad_norm)
+            self.steps += stepped  # the EMA's clock counts the optimiser steps taken
             step_kls.append(sum(s.reg_loss for s in step) / len(step))
             chunk_stats += step
         self.last_epoch_kl = max(step_kls) if step_kls else None

@@ -35,7 +35,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from learner.config import Config
-from replay import ReplayUnavailableError, open_store
+from replay import ReplayUnavailableError, StoreLostError, open_store
 from rollout_workers.tasks import GroupSummary, RolloutTask
 from rollout_workers.worker import RolloutWorker
 
@@ -221,6 +221,8 @@ class RolloutFleet:
                     results[task.group_id] = outcome
                     continue
                 self.failures += 1
+                if isinstance(outcome, StoreLostError):
+                    raise outcome  # the run's store lost its data: retrying the task cannot help
                 if isinstance(outcome, ReplayUnavailableError):
                     attempts[task.group_id] -= 1  # the store's outage, not the task's fault
                     self.store_waits += 1
@@ -264,7 +266,7 @@ class RolloutFleet:
                 finished.append((member, task, err))
             except RayTaskError as err:
                 cause = err.cause if isinstance(err.cause, Exception) else err
-                finished.append((member, task, cause if isinstance(cause, ReplayUnavailableError) else err))
+                finished.append((member, task, cause if isinstance(cause, (ReplayUnavailableError, StoreLostError)) else err))
         return finished
 
     def _probe_done(self, member: _Member, ref: ray.ObjectRef) -> list[RolloutTask]:

@@ -1,15 +1,38 @@
-"""What a run writes for people: `metrics.jsonl` (one JSON object per iteration) and reward-curve PNGs."""
+"""What a run writes for people: `metrics.jsonl` (one JSON object per iteration), reward-curve PNGs,
+and its log lines (with passwords inside URLs redacted)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
+from learner.config import redact_secrets
 from learner.metrics import PHASES
 
 REQUIRED_KEYS = ("iteration", "reward_mean", "loss", "clip_fraction", "policy_version")
+
+
+class RedactingFilter(logging.Filter):
+    """Replaces passwords given inside URLs (redis://:secret@host) in every record a handler writes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact_secrets(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact_secrets(logging.Formatter().formatException(record.exc_info))
+        return True
+
+    @classmethod
+    def install(cls, logger: logging.Logger | None = None) -> None:
+        """Add the filter to every handler of `logger` (the root logger: all propagated records) once."""
+        for handler in (logger or logging.getLogger()).handlers:
+            if not any(isinstance(f, cls) for f in handler.filters):
+                handler.addFilter(cls())
 
 
 class MetricsLog:
@@ -24,7 +47,7 @@ class MetricsLog:
         if missing:
             raise ValueError(f"metrics row lacks {missing}")
         with self.path.open("a") as f:
-            f.write(json.dumps(_nan_to_null(row), default=_json_default) + "\n")
+            f.write(redact_secrets(json.dumps(_nan_to_null(row), default=_json_default)) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

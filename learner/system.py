@@ -37,6 +37,7 @@ from learner.metrics import ProjectMetrics
 from learner.ray_cluster import init_ray
 from learner.rollout_fleet import RolloutFleet, wait_for_store
 from learner.scale import ScaleRequestError, read_scale_request
+from learner.store_identity import pin_store_epoch
 from replay import URL_ENV as REPLAY_URL_ENV, ReplayUnavailableError, open_store, with_store_option
 from reward_service.server import RewardServer
 from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask
@@ -101,8 +102,8 @@ class System:
         base_url = config.replay.url or os.environ.get(REPLAY_URL_ENV) or (output / "replay").resolve().as_uri()
         # Every process that opens the store (learner, rollout workers) gets the configured queue bound.
         store_url = with_store_option(base_url, "max_queue_len", config.replay.max_queue_groups)
-        with open_store(store_url) as store:
-            corrupt_before = store.stats().corrupt  # a resumed run counts only what it finds itself
+        store_url, stats = pin_store_epoch(store_url, output)  # every actor checks the run's store epoch
+        corrupt_before = stats.corrupt  # a resumed run counts only what it finds itself
         # Restarted by Ray with its calls retried: a lost scoring call is simply made again.
         reward_server = ray.remote(RewardServer).options(max_concurrency=64, num_cpus=0, max_restarts=3, max_task_retries=3).remote(
             [(reward.model, reward.options)],
@@ -159,8 +160,7 @@ class System:
         self.version = stats["policy_version"]
         self.timings["update_s"] = stats["update_s"]
         self.metrics.observe_phase("update", stats["update_s"])
-        self.metrics.count_groups_consumed(stats["groups"])
-        self.metrics.count_groups_applied(stats["groups"] - stats["groups_without_signal"])
+        self.metrics.record_update(stats)  # consumed, applied, quarantined, skipped non-finite steps
         self.metrics.set_policy_version(self.version)
         self._record_replay()
         return stats

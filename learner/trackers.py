@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from learner.config import Config
+from learner.config import Config, redact_secrets
 from learner.run_log import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,13 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
 
 
 def flat_config(config: Config) -> dict[str, str | int | float | bool]:
-    """The config as hyper-parameters: dotted keys, scalar values (lists, dicts and None as text)."""
+    """The config as hyper-parameters: dotted keys, scalar values (lists, dicts and None as text),
+    passwords inside URLs redacted as in config.yaml."""
     out = {}
     for section, fields in config.model_dump(mode="json").items():
         for key, value in fields.items():
-            scalar = isinstance(value, (str, int, float, bool))
-            out[f"{section}.{key}"] = value if scalar else str(value)
+            scalar = isinstance(value, (int, float, bool))
+            out[f"{section}.{key}"] = value if scalar else redact_secrets(str(value))
     return out
 
 

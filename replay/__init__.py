@@ -23,6 +23,7 @@ from replay.store import (
     ReplayStats,
     ReplayStore,
     ReplayUnavailableError,
+    StoreLostError,
     StoreOptions,
     min_policy_version,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "ReplayStore",
     "ReplayUnavailableError",
     "SCHEMA_VERSION",
+    "StoreLostError",
     "StoreOptions",
     "UnsupportedSchemaError",
     "decode",

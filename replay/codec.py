@@ -11,9 +11,11 @@ Layout of a payload (a complete Arrow IPC *file*: `pyarrow.ipc.open_file` reads 
   `final_latents` is a null value when absent.
 
 `decode` treats its input as untrusted: anything wrong (not Arrow, truncated, wrong schema version,
-checksum mismatch, shapes that disagree with the header) raises `CorruptRecordError`, never another
-exception type. With a writable input (bytearray, writable memoryview) the returned tensors are views
-of the input buffer (zero-copy); with read-only input (bytes) each tensor is copied once.
+checksum mismatch, shapes that disagree with the header, a compressed body, declared tensors above
+the reader's ceiling) raises `CorruptRecordError`, never another exception type; sizes are checked
+from the footer, the schema and the batch's metadata before any tensor is read. With a writable
+input (bytearray, writable memoryview) the returned tensors are views of the input buffer
+(zero-copy); with read-only input (bytes) each tensor is copied once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -36,6 +39,7 @@ from replay.record import CandidateGroup
 RECORD_TAG = b"CandidateGroup"
 CHECKSUM_PREFIX = "blake2b-256:"
 MAX_DIMS = 8
+ENVELOPE_BYTES = 1 << 20  # Arrow framing, header and rewards of one record: a few KB, bounded generously
 HASH_PIECE_BYTES = 4 << 20  # part of the checksum definition of schema version 1: never change it alone
 
 DTYPES: dict[str, torch.dtype] = {
@@ -172,10 +176,13 @@ def encode(group: CandidateGroup) -> bytearray:
     return out
 
 
-def decode(payload: bytes | bytearray | memoryview) -> CandidateGroup:
-    """Validate and decode one payload; raises `CorruptRecordError` for anything that is not a valid record."""
+def decode(payload: bytes | bytearray | memoryview, max_bytes: int | None = None) -> CandidateGroup:
+    """Validate and decode one payload; raises `CorruptRecordError` for anything that is not a valid record.
+
+    `max_bytes` bounds the tensors' total size (and the payload's, less `ENVELOPE_BYTES` of framing):
+    a record declaring more is refused (reason `bounds`) before its tensors are read or allocated."""
     try:
-        return _decode(payload)
+        return _decode(payload, max_bytes)
     except CorruptRecordError:
         raise
     except ValidationError as err:
@@ -194,33 +201,27 @@ def _short_validation(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _decode(payload: bytes | bytearray | memoryview) -> CandidateGroup:
+def _decode(payload: bytes | bytearray | memoryview, max_bytes: int | None) -> CandidateGroup:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise CorruptRecordError("format", f"payload must be bytes-like, got {type(payload).__name__}")
     view = memoryview(payload).cast("B") if isinstance(payload, memoryview) else memoryview(payload)
     writable = not view.readonly
     if len(view) < 16:
         raise CorruptRecordError("truncated", f"{len(view)} bytes is too short for an Arrow file")
+    if max_bytes is not None and len(view) > max_bytes + ENVELOPE_BYTES:
+        raise CorruptRecordError("bounds", f"payload of {len(view)} bytes exceeds the ceiling of {max_bytes} bytes")
     buf = pa.py_buffer(view)
-    reader = pa.ipc.open_file(buf)
+    reader = pa.ipc.open_file(buf)  # reads the footer and the schema only
     if reader.num_record_batches != 1:
         raise CorruptRecordError("format", f"expected 1 record batch, found {reader.num_record_batches}")
-    batch = reader.get_batch(0)
+    schema = reader.schema
+    _check_schema(schema)
+    _check_declared_size(schema, max_bytes)
+    batch = pa.ipc.read_record_batch(_uncompressed_batch_message(buf), schema)
     batch.validate(full=True)
     if batch.num_rows != 1:
         raise CorruptRecordError("format", f"expected 1 row, found {batch.num_rows}")
-    meta = batch.schema.metadata or {}
-    if meta.get(b"arcopo.record") != RECORD_TAG:
-        raise CorruptRecordError("format", "Arrow file is not a CandidateGroup record (metadata tag missing)")
-    version_text = meta.get(b"arcopo.schema_version", b"").decode("ascii", "replace")
-    if version_text != str(record_module.SCHEMA_VERSION):
-        raise UnsupportedSchemaError(
-            "schema_version",
-            f"record has schema version {version_text!r}; this code reads version {record_module.SCHEMA_VERSION}",
-        )
-    expected_names = list(HEADER_COLUMNS) + list(TENSOR_COLUMNS)
-    if batch.schema.names != expected_names:
-        raise CorruptRecordError("format", f"columns {batch.schema.names} are not {expected_names}")
+    meta = schema.metadata or {}
 
     header: dict[str, Any] = {}
     for name, typ in HEADER_COLUMNS.items():
@@ -263,6 +264,66 @@ def _decode(payload: bytes | bytearray | memoryview) -> CandidateGroup:
     values["rewards"] = {h: rewards[i] for i, h in enumerate(heads)}
     values.setdefault("final_latents", None)
     return CandidateGroup(schema_version=record_module.SCHEMA_VERSION, **header, **values)
+
+
+def _check_schema(schema: pa.Schema) -> None:
+    meta = schema.metadata or {}
+    if meta.get(b"arcopo.record") != RECORD_TAG:
+        raise CorruptRecordError("format", "Arrow file is not a CandidateGroup record (metadata tag missing)")
+    version_text = meta.get(b"arcopo.schema_version", b"").decode("ascii", "replace")
+    if version_text != str(record_module.SCHEMA_VERSION):
+        raise UnsupportedSchemaError(
+            "schema_version",
+            f"record has schema version {version_text!r}; this code reads version {record_module.SCHEMA_VERSION}",
+        )
+    expected_names = list(HEADER_COLUMNS) + list(TENSOR_COLUMNS)
+    if schema.names != expected_names:
+        raise CorruptRecordError("format", f"columns {schema.names} are not {expected_names}")
+
+
+def _check_declared_size(schema: pa.Schema, max_bytes: int | None) -> None:
+    """The tensors' declared shapes must fit the ceiling before a byte of them is read."""
+    declared = 0
+    for name in TENSOR_COLUMNS:
+        metadata = schema.field(name).metadata or {}
+        if not metadata:
+            continue  # a null value (a required one is refused when the batch is read)
+        dtype, shape = _tensor_description(name, metadata)
+        declared += math.prod(shape) * ITEMSIZE[dtype]
+    if max_bytes is not None and declared > max_bytes:
+        raise CorruptRecordError("bounds", f"tensors declare {declared} bytes, above the ceiling of {max_bytes} bytes")
+
+
+def _uncompressed_batch_message(buf: pa.Buffer) -> pa.ipc.Message:
+    """The file's record batch message, refused if its body is compressed.
+
+    The codec never compresses, and a compressed body would be inflated to whatever size its buffer
+    headers claim before any check could run (17 KB of zstd can claim 512 MiB), so it is refused
+    from the message's metadata (the RecordBatch table's `compression` field, Arrow's Message.fbs),
+    without reading the body. An uncompressed body is read in place: its size is the input's."""
+    messages = pa.ipc.MessageReader.open_stream(buf.slice(8))  # past the file magic: the stream format
+    first, second = messages.read_next_message(), messages.read_next_message()
+    if first.type != "schema" or second.type != "record batch":
+        raise CorruptRecordError(
+            "format", f"messages are {first.type!r}, {second.type!r}; expected a schema, then a record batch"
+        )
+    meta = second.metadata.to_pybytes()
+    root = struct.unpack_from("<I", meta, 0)[0]
+    header_field = _table_field(meta, root, 2)
+    batch_table = header_field + struct.unpack_from("<I", meta, header_field)[0]
+    if _table_field(meta, batch_table, 3):
+        raise CorruptRecordError("bounds", "record batch body is compressed; records are written uncompressed")
+    return second
+
+
+def _table_field(flatbuffer: bytes, table: int, field_id: int) -> int:
+    """Absolute position of a flatbuffer table's field, 0 when the field is absent."""
+    vtable = table - struct.unpack_from("<i", flatbuffer, table)[0]
+    vtable_size = struct.unpack_from("<H", flatbuffer, vtable)[0]
+    if 4 + 2 * field_id + 2 > vtable_size:
+        return 0
+    offset = struct.unpack_from("<H", flatbuffer, vtable + 4 + 2 * field_id)[0]
+    return table + offset if offset else 0
 
 
 def _tensor_description(name: str, metadata: dict[bytes, bytes]) -> tuple[str, list[int]]:

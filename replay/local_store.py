@@ -1,7 +1,7 @@
 """An embedded replay store: Arrow files in a directory, shared by processes on one machine.
 
 Layout of the directory:
-    state.json      the index (queue entries, buffer table, applied group ids, counters)
+    state.json      the index (queue entries, buffer table, applied group ids, counters, run epoch)
     lock            fcntl lock taken around every change of the index
     entries/        one Arrow IPC file per queued group
     buffer/         one Arrow IPC file per buffer entry
@@ -9,6 +9,8 @@ Layout of the directory:
 
 Payload files are written under a temporary name and renamed into place before the index names
 them, and the index is replaced atomically, so a process killed at any point leaves a readable store.
+Every change of the index checks the run epoch (replay.store_epoch): an index that is gone or was
+replaced raises `StoreLostError` instead of starting an empty one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from replay.bounds import check_payload_size
 from replay.codec import CorruptRecordError, decode
 from replay.store import (
     COUNTERS,
@@ -34,15 +37,19 @@ from replay.store import (
     as_rng,
     draw_with_replacement,
 )
+from replay.store_epoch import check_epoch, lost_error, new_epoch
 
 
 def _empty_state() -> dict[str, Any]:
     return {"seq": 0, "queue": {}, "buffer": {}, "applied": [], "dead": [], "stats": {c: 0 for c in COUNTERS}}
 
 
-def _read_file(path: Path) -> bytearray:
+def _read_file(path: Path, max_record_bytes: int | None = None) -> bytearray:
+    """The file's bytes; a file above the record ceiling is refused (CorruptRecordError) unread."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
+        if max_record_bytes is not None:
+            check_payload_size(size, max_record_bytes, f"payload file {path.name}")
         out = bytearray(size)
         if f.readinto(out) != size:
             raise OSError(f"{path} changed size while read")
@@ -58,6 +65,17 @@ class LocalStore(ReplayStore):
         self._state_path = self.root / "state.json"
         self._lock_path = self.root / "lock"
         self._thread_lock = threading.Lock()
+        self._epoch: str | None = None
+        with self._locked() as state:
+            found = state.get("epoch")
+            if found is None and self.options.epoch is None:  # a new store (or one from before epochs)
+                state["epoch"] = found = new_epoch()
+            check_epoch(repr(self), self.options.epoch, found, "open")
+        self._epoch = found
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
 
     # ---- index -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -67,6 +85,8 @@ class LocalStore(ReplayStore):
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
             try:
                 state = json.loads(self._state_path.read_text()) if self._state_path.exists() else _empty_state()
+                if self._epoch is not None and state.get("epoch") != self._epoch:
+                    raise lost_error(repr(self), self._epoch, state.get("epoch"), "an index update")
                 before = json.dumps(state, sort_keys=True)
                 yield state
                 after = json.dumps(state, sort_keys=True)
@@ -91,7 +111,7 @@ class LocalStore(ReplayStore):
 
     def _count(self, counter: str, amount: int = 1) -> None:
         with self._locked() as state:
-            state["stats"][counter] = state["stats"].get(counter, 0) + amount
+            _bump(state, counter, amount)
 
     # ---- queue -------------------------------------------------------------------------------
     def push_encoded(self, payload, group_id, policy_version, timeout_s=None):
@@ -176,14 +196,17 @@ class LocalStore(ReplayStore):
         deliveries, corrupt = [], []
         for eid, entry, redelivered in claimed:
             try:
-                payload = _read_file(self.root / "entries" / entry["file"])
+                payload = _read_file(self.root / "entries" / entry["file"], self.options.max_record_bytes)
+            except CorruptRecordError as err:
+                corrupt.append((eid, entry, str(err)))
+                continue
             except FileNotFoundError:
                 # Usually acked meanwhile by the consumer we reclaimed it from (then the index no longer
                 # holds it and the dead-letter step skips it); otherwise the file was lost at rest.
                 corrupt.append((eid, entry, "payload file missing"))
                 continue
             try:
-                group = decode(payload)
+                group = decode(payload, self.options.max_record_bytes)
                 if group.group_id != entry["group_id"]:
                     raise CorruptRecordError("header", f"entry says {entry['group_id']}, payload says {group.group_id}")
             except CorruptRecordError as err:
@@ -194,7 +217,7 @@ class LocalStore(ReplayStore):
             self._dead_letter(corrupt)
         return deliveries
 
-    def _dead_letter(self, corrupt) -> None:
+    def _dead_letter(self, corrupt, counter: str = "corrupt") -> None:
         with self._locked() as state:
             for eid, entry, reason in corrupt:
                 if state["queue"].pop(eid, None) is None:
@@ -205,11 +228,38 @@ class LocalStore(ReplayStore):
                 letter = {"entry": eid, "gid": entry["group_id"], "reason": reason}
                 (self.root / "dead" / f"{name}.reason").write_text(json.dumps(letter))
                 state["dead"].append(name)
-                state["stats"]["corrupt"] += 1
-            while len(state["dead"]) > self.options.dead_letter_max_len:
-                old = state["dead"].pop(0)
-                self._unlink("dead", old)
-                self._unlink("dead", f"{old}.reason")
+                _bump(state, counter)
+            self._trim_dead(state)
+
+    def _trim_dead(self, state: dict[str, Any]) -> None:
+        while len(state["dead"]) > self.options.dead_letter_max_len:
+            old = state["dead"].pop(0)
+            self._unlink("dead", old)
+            self._unlink("dead", f"{old}.reason")
+
+    def mark_applied(self, group_ids: list[str]) -> int:
+        with self._locked() as state:
+            new = [g for g in dict.fromkeys(group_ids) if g not in set(state["applied"])]
+            state["applied"].extend(new)
+            return len(new)
+
+    def quarantine(self, delivery: Delivery, reason: str) -> None:
+        entry = {"group_id": delivery.group_id, "file": delivery.handle}
+        self._dead_letter([(delivery.entry_id, entry, reason)], counter="quarantined")
+
+    def buffer_quarantine(self, group_id: str, reason: str) -> None:
+        with self._locked() as state:
+            entry = state["buffer"].pop(group_id, None)
+            if entry is None:
+                return
+            name = f"buffer-{entry['file']}"
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / "buffer" / entry["file"]).replace(self.root / "dead" / name)
+            letter = {"entry": "buffer", "gid": group_id, "reason": reason}
+            (self.root / "dead" / f"{name}.reason").write_text(json.dumps(letter))
+            state["dead"].append(name)
+            _bump(state, "quarantined")
+            self._trim_dead(state)
 
     def ack(self, delivery: Delivery) -> bool:
         with self._locked() as state:
@@ -262,7 +312,10 @@ class LocalStore(ReplayStore):
             counts = {gid: table[gid]["sampled"] for gid in ids}
             draws, touched, removed = draw_with_replacement(ids, counts, n, rng, self.options.max_times_sampled)
             for gid in set(draws):
-                payloads[gid] = _read_file(self.root / "buffer" / table[gid]["file"])
+                try:
+                    payloads[gid] = _read_file(self.root / "buffer" / table[gid]["file"], self.options.max_record_bytes)
+                except CorruptRecordError:
+                    payloads[gid] = bytearray()  # refused unread; decoded as corrupt below
             for gid, count in touched.items():
                 table[gid]["sampled"] = count
             for gid in removed:
@@ -271,7 +324,7 @@ class LocalStore(ReplayStore):
         groups, bad = {}, []
         for gid, payload in payloads.items():
             try:
-                groups[gid] = decode(payload)
+                groups[gid] = decode(payload, self.options.max_record_bytes)
             except CorruptRecordError:
                 bad.append(gid)
         if bad:
@@ -313,3 +366,6 @@ class LocalStore(ReplayStore):
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
 
+
+def _bump(state: dict[str, Any], counter: str, amount: int = 1) -> None:
+    state["stats"][counter] = state["stats"].get(counter, 0) + amount  # an index from before a counter existed

@@ -7,6 +7,7 @@ Keys, all under the store's prefix:
     applied                 set of applied group ids (exactly-once application over at-least-once delivery)
     stats                   hash of counters
     dead                    stream of dead letters: entry id, group id, reason (the payload is dropped)
+    epoch                   the run epoch, written with the stream (replay.store_epoch)
     buffer                  hash: group id -> "seq token chunks nbytes"
     buffer:sampled          hash: group id -> times sampled
     buffer:seq              insertion counter (sampling order is insertion order, so a seeded rng repeats)
@@ -14,7 +15,8 @@ Keys, all under the store's prefix:
 Blob keys are written with an expiry and made persistent by the same Lua script that admits the
 entry, so a producer that dies halfway leaves nothing behind for long. The admission script checks
 the queue length, so the bound holds with any number of producers. An entry stays in the stream
-until acked (ack = XACK + XDEL), so XLEN is the number of unacked groups.
+until acked (ack = XACK + XDEL), so XLEN is the number of unacked groups. A vanished stream, or an
+epoch that is missing or different, is never recreated: it raises `StoreLostError`.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from replay.bounds import check_chunked_entry
 from replay.codec import CorruptRecordError, decode
-from replay.redis_scripts import ACK, ADMIT, BUFFER_ADD
+from replay.redis_buffer import RedisBuffer
+from replay.redis_scripts import ACK, ADMIT, BUFFER_ADD, OPEN
 from replay.store import (
     COUNTERS,
     Delivery,
@@ -38,17 +42,17 @@ from replay.store import (
     ReplayStats,
     ReplayStore,
     ReplayUnavailableError,
+    StoreLostError,
     StoreOptions,
-    as_rng,
-    draw_with_replacement,
 )
+from replay.store_epoch import check_epoch, lost_error, new_epoch
 
 T = TypeVar("T")
 
 UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
 
 
-class RedisStore(ReplayStore):
+class RedisStore(RedisBuffer, ReplayStore):
     def __init__(self, connection: dict[str, Any], options: StoreOptions | None = None):
         self.options = o = options or StoreOptions()
         self._where = f"{connection.get('host', 'localhost')}:{connection.get('port', 6379)}/{connection.get('db', 0)}"
@@ -64,18 +68,55 @@ class RedisStore(ReplayStore):
         self._admit = self._redis.register_script(ADMIT)
         self._ack = self._redis.register_script(ACK)
         self._buffer_admit = self._redis.register_script(BUFFER_ADD)
-        self._retry(self._ensure_group, "connect")
+        self._open_script = self._redis.register_script(OPEN)
+        self._epoch_key = p + "epoch"
+        self._epoch: str = o.epoch or ""
+        self._retry(self._open, "connect")
 
     def __repr__(self) -> str:
         return f"RedisStore({self._where!r}, prefix={self.options.prefix!r})"
 
     # ---- plumbing ----------------------------------------------------------------------------
-    def _ensure_group(self) -> None:
+    @property
+    def epoch(self) -> str:
+        return self._epoch
+
+    def _open(self) -> None:
+        """Adopt (or, for a new store, write) the run epoch; check it against the expected one."""
+        created = "" if self.options.epoch is not None else new_epoch()  # an expected store is never created
+        found = self._open_script(keys=[self._epoch_key, self._queue], args=[created, self.options.consumer_group])
+        if found is None:  # a queue written before stores had epochs: give it one, unless one was expected
+            if self.options.epoch is not None:
+                raise self._lost("connect", None)
+            self._redis.set(self._epoch_key, new_epoch(), nx=True)
+            found = self._redis.get(self._epoch_key)
+        check_epoch(self._location, self.options.epoch, _text(found), "connect")
+        self._epoch = _text(found)
+        if not self._redis.exists(self._queue):
+            raise self._lost("connect", self._epoch, "its queue stream is gone")
         try:
-            self._redis.xgroup_create(self._queue, self.options.consumer_group, id="0", mkstream=True)
+            self._redis.xgroup_create(self._queue, self.options.consumer_group, id="0")
         except redis.ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise
+
+    @property
+    def _location(self) -> str:
+        return f"at {self._where} (prefix {self.options.prefix!r})"
+
+    def _lost(self, during: str, found: str | None | bool = False, detail: str = "") -> StoreLostError:
+        """The error for a store that is not this run's any more (reads its epoch unless given)."""
+        if found is False:
+            with contextlib.suppress(*UNAVAILABLE):
+                found = self._redis.get(self._epoch_key)
+            found = None if found in (False, None) else _text(found)
+        err = lost_error(self._location, self._epoch or "(none yet)", found, during)
+        return StoreLostError(f"{err} ({detail})") if detail else err
+
+    def _verify_epoch(self, during: str) -> None:
+        found = self._redis.get(self._epoch_key)
+        if found is None or _text(found) != self._epoch:
+            raise self._lost(during, None if found is None else _text(found))
 
     def _retry(self, fn: Callable[[], T], what: str) -> T:
         """Run `fn`, retrying connection failures with exponential backoff, then ReplayUnavailableError."""
@@ -83,6 +124,8 @@ class RedisStore(ReplayStore):
         delay, start, last = o.retry_backoff_s, time.monotonic(), None
         for attempt in range(o.retry_attempts):
             try:
+                if last is not None and self._epoch:  # reconnecting: is it still this run's store?
+                    self._verify_epoch(what)
                 return fn()
             except redis.AuthenticationError as err:  # a ConnectionError subclass, but retrying cannot help
                 raise ReplayError(
@@ -93,11 +136,9 @@ class RedisStore(ReplayStore):
                 last = err
             except redis.ResponseError as err:
                 if "NOGROUP" not in str(err) and "no such key" not in str(err):
-                    raise  # otherwise the stream vanished (a restarted Redis without persistence): recreate it
-                last = err
-                with contextlib.suppress(*UNAVAILABLE):
-                    self._ensure_group()
-                    continue
+                    raise
+                # The stream vanished (a Redis restarted without persistence): never recreated.
+                raise self._lost(what, detail="its queue stream is gone") from None
             if attempt + 1 < o.retry_attempts:
                 time.sleep(delay)
                 delay = min(2 * delay, o.retry_backoff_max_s)
@@ -143,9 +184,12 @@ class RedisStore(ReplayStore):
         marker = f"{o.prefix}admitted:{token}"
         deadline = time.monotonic() + timeout_s
         while True:
-            args = [o.max_queue_len, group_id, int(policy_version), token, len(keys), size, ttl]
-            script_keys = [self._queue, self._applied, self._stats_key, marker, *keys]
+            args = [o.max_queue_len, group_id, int(policy_version), token, len(keys), size, ttl, self._epoch]
+            script_keys = [self._queue, self._applied, self._stats_key, marker, self._epoch_key, *keys]
             result = self._retry(lambda: self._admit(keys=script_keys, args=args), what)
+            if result == b"epoch":
+                self._delete_quietly(keys)
+                raise self._lost(f"push of group {group_id}")
             if result == b"applied":
                 self._delete_quietly(keys)
                 return None
@@ -199,6 +243,12 @@ class RedisStore(ReplayStore):
             except (KeyError, ValueError, UnicodeDecodeError):
                 corrupt.append((eid, "?", [], "malformed stream entry"))
                 continue
+            try:  # before a key is named or a byte fetched: a claim of 10^6 chunks is refused here
+                check_chunked_entry(chunks, nbytes, self.options.max_record_bytes, self.options.chunk_bytes,
+                                    f"stream entry {eid} ({gid})")
+            except CorruptRecordError as err:
+                corrupt.append((eid, gid, [], str(err)))
+                continue
             parsed.append((eid, gid, pv, self._blob_keys(token, chunks), nbytes, redelivered))
         if parsed:
             applied = self._retry(lambda: self._redis.smismember(self._applied, [p[1] for p in parsed]), "pull")
@@ -251,7 +301,7 @@ class RedisStore(ReplayStore):
         for p in pieces:
             payload[at : at + len(p)] = p
             at += len(p)
-        group = decode(payload)
+        group = decode(payload, self.options.max_record_bytes)
         if group.group_id != gid:
             raise CorruptRecordError("header", f"stream entry says group {gid}, payload says {group.group_id}")
         return group
@@ -273,9 +323,20 @@ class RedisStore(ReplayStore):
         self._retry(run, "pull")
 
     def ack(self, delivery: Delivery) -> bool:
-        keys = [self._queue, self._applied, self._stats_key, *(delivery.handle or [])]
-        args = [self.options.consumer_group, delivery.entry_id, delivery.group_id]
-        return bool(self._retry(lambda: self._ack(keys=keys, args=args), "ack"))
+        keys = [self._queue, self._applied, self._stats_key, self._epoch_key, *(delivery.handle or [])]
+        args = [self.options.consumer_group, delivery.entry_id, delivery.group_id, self._epoch]
+        result = self._retry(lambda: self._ack(keys=keys, args=args), "ack")
+        if result == b"epoch":
+            raise self._lost(f"ack of group {delivery.group_id}")
+        return bool(result)
+
+    def mark_applied(self, group_ids: list[str]) -> int:
+        pieces = [group_ids[i : i + 10_000] for i in range(0, len(group_ids), 10_000)]
+        return sum(int(self._retry(lambda p=p: self._redis.sadd(self._applied, *p), "mark_applied")) for p in pieces)
+
+    def quarantine(self, delivery: Delivery, reason: str) -> None:
+        letter = {"entry": delivery.entry_id, "gid": delivery.group_id, "reason": reason}
+        self._finish(delivery.entry_id, list(delivery.handle or []), "quarantined", dead_letter=letter)
 
     def is_applied(self, group_id: str) -> bool:
         return bool(self._retry(lambda: self._redis.sismember(self._applied, group_id), "is_applied"))
@@ -301,102 +362,6 @@ class RedisStore(ReplayStore):
         while count := self._retry(batch, "drain"):
             total += count
         return total
-
-    # ---- buffer ------------------------------------------------------------------------------
-    def _buffer_add_encoded(self, payload, group_id) -> bool:
-        cap = self.options.buffer_max_size or 0
-        while True:
-            token, keys, size = self._write_blobs(payload, 3600, f"buffer_add of group {group_id}")
-            args = [group_id, f"{token} {len(keys)} {size}", cap]
-            script_keys = [self._buffer, self._stats_key, self._seq, *keys]
-            result = self._retry(lambda: self._buffer_admit(keys=script_keys, args=args), "buffer_add")
-            if result == 1:
-                return True
-            self._delete_quietly(keys)
-            if result == 0:
-                return False
-            if result == -1:
-                raise ReplayFullError(
-                    f"replay buffer {self._buffer} holds buffer_max_size={cap} groups; {group_id} not added"
-                )
-
-    def _table(self, raw: dict[bytes, bytes]) -> dict[str, tuple[int, list[str], int]]:
-        table = {}
-        for gid, meta in raw.items():
-            seq, token, chunks, nbytes = meta.decode().split(" ")
-            table[gid.decode()] = (int(seq), self._blob_keys(token, int(chunks)), int(nbytes))
-        return table
-
-    def buffer_sample(self, n, rng=None):
-        rng = as_rng(rng)
-        saved = rng.bit_generator.state
-
-        def draw():
-            rng.bit_generator.state = saved  # a retried transaction repeats the same draws
-            with self._redis.pipeline() as pipe:
-                pipe.watch(self._buffer, self._sampled)
-                table = self._table(pipe.hgetall(self._buffer))
-                counts = {k.decode(): int(v) for k, v in pipe.hgetall(self._sampled).items()}
-                ids = sorted(table, key=lambda gid: table[gid][0])
-                draws, touched, removed = draw_with_replacement(ids, counts, n, rng, self.options.max_times_sampled)
-                pipe.multi()
-                for gid, count in touched.items():
-                    pipe.hset(self._sampled, gid, count)
-                if removed:
-                    pipe.hdel(self._buffer, *removed)
-                    pipe.hdel(self._sampled, *removed)
-                    pipe.hincrby(self._stats_key, "buffer_removed", len(removed))
-                pipe.execute()
-                return table, draws, removed
-
-        while True:
-            try:
-                table, draws, removed = self._retry(draw, "buffer_sample")
-                break
-            except redis.WatchError:
-                continue
-        distinct = list(dict.fromkeys(draws))
-
-        def get_all() -> list[Any]:
-            pipe = self._redis.pipeline(transaction=False)
-            for gid in distinct:
-                for key in table[gid][1]:
-                    pipe.get(key)
-            return pipe.execute()
-
-        values = self._retry(get_all, "buffer_sample") if distinct else []
-        for gid in removed:
-            self._delete_quietly(table[gid][1])
-        groups, at = {}, 0
-        for gid in distinct:
-            _, keys, nbytes = table[gid]
-            pieces, at = values[at : at + len(keys)], at + len(keys)
-            try:
-                if any(p is None for p in pieces) or sum(len(p) for p in pieces) != nbytes:
-                    raise CorruptRecordError("truncated", f"buffer payload of {gid} is incomplete")
-                groups[gid] = decode(bytearray(b"".join(pieces)))
-            except CorruptRecordError:
-                self._forget_buffer_entry(gid)
-                self._delete_quietly(keys)
-                self._count("corrupt")
-        return [groups[gid] for gid in draws if gid in groups]
-
-    def _forget_buffer_entry(self, group_id: str) -> None:
-        def run() -> None:
-            self._redis.pipeline().hdel(self._buffer, group_id).hdel(self._sampled, group_id).execute()
-
-        self._retry(run, "buffer_sample")
-
-    def buffer_size(self) -> int:
-        return int(self._retry(lambda: self._redis.hlen(self._buffer), "buffer_size"))
-
-    def _buffer_payloads(self):
-        table = self._table(self._retry(lambda: self._redis.hgetall(self._buffer), "export"))
-        out = []
-        for gid in sorted(table, key=lambda g: table[g][0]):
-            pieces = self._retry(lambda: self._redis.mget(table[gid][1]), "export")
-            out.append((gid, b"".join(p for p in pieces if p is not None)))
-        return out
 
     # ---- operations --------------------------------------------------------------------------
     def stats(self) -> ReplayStats:

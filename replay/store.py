@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from replay.codec import CorruptRecordError, decode, encode
+from replay.codec import ENVELOPE_BYTES, CorruptRecordError, decode, encode
 from replay.record import CandidateGroup
 
 
@@ -34,6 +34,11 @@ class ReplayFullError(ReplayError):
 
 class ReplayUnavailableError(ReplayError):
     """The backend could not be reached after bounded retries; the operation did not take effect."""
+
+
+class StoreLostError(ReplayError):
+    """The store is not the one this run created (its run epoch is missing or different): the backend
+    lost its data (e.g. Redis restarted without persistence). Never retried: the run must stop."""
 
 
 class StoreOptions(BaseModel):
@@ -55,6 +60,12 @@ class StoreOptions(BaseModel):
     socket_timeout_s: float = Field(10.0, gt=0.0)
     consumer_group: str = "learner"
     dead_letter_max_len: int = Field(1000, ge=1)
+    # Largest record (bytes of its tensors, and of its stored payload) a reader accepts; checked
+    # before anything of that size is allocated. The learner lowers it to its policy's geometry.
+    max_record_bytes: int = Field(4 << 30, ge=1024)
+    # The run epoch this process expects (set by the driver once the store exists); None: adopt the
+    # store's epoch, or write one if the store is new.
+    epoch: str | None = Field(None, min_length=1)
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,7 @@ class ReplayStats(BaseModel):
     full_timeouts: int = 0
     buffer_added: int = 0
     buffer_removed: int = 0
+    quarantined: int = 0  # decodable groups the learner refused (dead-lettered with the reason)
 
 
 GAUGES = {"queue_length", "pending", "buffer_size", "dead_letters"}
@@ -126,6 +138,13 @@ def draw_with_replacement(
             available.remove(chosen)
             removed.append(chosen)
     return draws, touched, removed
+
+
+def check_payload_size(nbytes: int, max_record_bytes: int, what: str) -> None:
+    """A stored payload's size against the reader's ceiling, before a byte of it is read."""
+    ceiling = max_record_bytes + ENVELOPE_BYTES
+    if not 0 < nbytes <= ceiling:
+        raise CorruptRecordError("bounds", f"{what} claims {nbytes} bytes; the ceiling is {ceiling} bytes")
 
 
 def export_name(index: int, group_id: str) -> str:
@@ -175,6 +194,25 @@ class ReplayStore(abc.ABC):
     @abc.abstractmethod
     def is_applied(self, group_id: str) -> bool:
         ...
+
+    @abc.abstractmethod
+    def mark_applied(self, group_ids: list[str]) -> int:
+        """Add group ids applied elsewhere to the applied set (a resumed run rebuilds a lost applied set
+        from its checkpoints); returns how many were not there."""
+
+    @abc.abstractmethod
+    def quarantine(self, delivery: Delivery, reason: str) -> None:
+        """Dead-letter a delivered group its consumer cannot use (with `reason`) and remove it from
+        the queue without applying it, so it is never delivered again; counted as `quarantined`."""
+
+    @abc.abstractmethod
+    def buffer_quarantine(self, group_id: str, reason: str) -> None:
+        """Remove a buffer entry its consumer cannot use, dead-lettered with `reason`."""
+
+    @property
+    @abc.abstractmethod
+    def epoch(self) -> str:
+        """This store's run epoch ("<random id>@<creation time>"), written when the store was created."""
 
     @abc.abstractmethod
     def drain(self) -> int:
@@ -231,7 +269,7 @@ class ReplayStore(abc.ABC):
         written = 0
         for group_id, payload in self._buffer_payloads():
             try:
-                decode(payload)
+                decode(payload, self.options.max_record_bytes)
             except CorruptRecordError:
                 self._count("corrupt")
                 continue
@@ -251,9 +289,10 @@ class ReplayStore(abc.ABC):
         files = sorted(Path(directory).glob("*.arrow"))
         loaded = []
         for path in files:
-            payload = bytearray(path.read_bytes())
             try:
-                group = decode(payload)
+                check_payload_size(path.stat().st_size, self.options.max_record_bytes, f"{path.name}")
+                payload = bytearray(path.read_bytes())
+                group = decode(payload, self.options.max_record_bytes)
             except CorruptRecordError as err:
                 raise CorruptRecordError(err.reason, f"{path}: {err}") from None
             loaded.append((group.group_id, payload))

@@ -13,6 +13,10 @@ Adding a reward is one file under `reward_service/rewards/` that registers a fac
 if the name is still unknown, every module of that package), so importing this registry imports
 neither torch nor transformers. A reward living outside this package is named `"pkg.module:name"`:
 the module is imported and must register `name`. The pool never needs to change.
+
+A registration may declare the model's heads (`register_reward("my_reward", heads=("VQ", "TA"))`, or
+a function of the config for a model whose heads are configured) so that a run can check its reward
+weights before building anything: `declared_heads(name, **config)`.
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ from collections.abc import Callable
 from reward_service.base import RewardModel
 
 RewardFactory = Callable[..., RewardModel]
+DeclaredHeads = tuple[str, ...] | Callable[..., tuple[str, ...]]
 
 _FACTORIES: dict[str, RewardFactory] = {}
+_HEADS: dict[str, DeclaredHeads] = {}
 _PLUGIN_PACKAGE = "reward_service.rewards"
 
 
-def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
-    """Decorator registering `factory(**config) -> RewardModel` under `name`."""
+def register_reward(name: str, heads: DeclaredHeads | None = None) -> Callable[[RewardFactory], RewardFactory]:
+    """Decorator registering `factory(**config) -> RewardModel` under `name`; `heads` (a tuple, or a
+    function of the same config returning one) declares the heads the model will have."""
     if not name or ":" in name:
         raise ValueError(f"reward name must be non-empty and contain no ':', got {name!r}")
 
@@ -42,6 +49,8 @@ def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
                 f"{_qualname(factory)} cannot take the same name"
             )
         _FACTORIES[name] = factory
+        if heads is not None:
+            _HEADS[name] = heads if callable(heads) else tuple(heads)
         return factory
 
     return decorator
@@ -58,7 +67,29 @@ def build_reward(name: str, **config) -> RewardModel:
         raise TypeError(f"reward {name!r} factory returned {type(model).__name__}, not a RewardModel")
     if not getattr(model, "heads", None) or len(set(model.heads)) != len(model.heads):
         raise ValueError(f"reward {name!r} must declare distinct, non-empty heads, got {getattr(model, 'heads', None)}")
+    declared = declared_heads(name, **config)
+    if declared is not None and set(declared) != set(model.heads):
+        raise ValueError(f"reward {name!r} was registered with heads {declared} but the model has {tuple(model.heads)}")
     return model
+
+
+def declared_heads(name: str, **config) -> tuple[str, ...] | None:
+    """The heads `name`'s registration declares for `config`, without building the model; None if it
+    declares none. Raises KeyError for an unknown reward, like `build_reward`."""
+    factory = resolve_factory(name)
+    short = name.partition(":")[2] if ":" in name else name
+    heads = _HEADS.get(short)
+    if heads is None or _FACTORIES.get(short) is not factory:
+        return None
+    if callable(heads):
+        try:
+            heads = heads(**config)
+        except TypeError as exc:
+            raise TypeError(f"reward {name!r} rejected its config (keys {sorted(config)}): {exc}") from exc
+    heads = tuple(heads)
+    if not heads or len(set(heads)) != len(heads):
+        raise ValueError(f"reward {name!r} must declare distinct, non-empty heads, got {heads}")
+    return heads
 
 
 def resolve_factory(name: str) -> RewardFactory:

@@ -67,7 +67,7 @@ class FixedCostReward(RewardModel):
         return {h: np.array([s[h] for s in per_video], dtype=np.float64) for h in self.heads}
 
 
-@register_reward("fixed_cost")
+@register_reward("fixed_cost", heads=lambda cost_s=0.0, heads=STAND_IN_HEADS: tuple(heads))
 def build_fixed_cost(cost_s: float = 0.0, heads: list[str] | tuple[str, ...] = STAND_IN_HEADS) -> RewardModel:
     return FixedCostReward(cost_s, tuple(heads))
 

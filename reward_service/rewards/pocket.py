@@ -40,7 +40,7 @@ class PocketVerifierReward(RewardModel):
         return out
 
 
-@register_reward("pocket")
+@register_reward("pocket", heads=("VQ", "MQ", "TA"))
 def build_pocket(**config) -> RewardModel:
     """No configuration: the verifiers have no parameters."""
     if config:

@@ -10,6 +10,7 @@ disappears.
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 import time
@@ -82,11 +83,14 @@ def test_project_metrics_appear_in_prometheus_text(local_ray):
     control_set_at = time.monotonic()
     metrics = ProjectMetrics()
     metrics.record_iteration(
-        iteration=3, policy_version=4, loss=-0.25, clip_fraction=0.125, reward_mean={"VQ": 1.5, "MQ": -0.5}
+        iteration=3, policy_version=4, loss=-0.25, clip_fraction=0.125,
+        reward_mean={"VQ": 1.5, "MQ": -0.5, "TA": math.nan},  # NaN: no sample at all, never a 0
     )
     metrics.count_groups_consumed(5)
     metrics.count_groups_applied(4)
     metrics.count_groups_dropped("stale", 1)
+    metrics.count_groups_quarantined("nonfinite", 2)
+    metrics.count_nonfinite_steps(3)
     metrics.set_replay_queue_length(7)
     metrics.set_rollout_workers(2)
     metrics.set_reward_actors(1)
@@ -111,6 +115,8 @@ def test_project_metrics_appear_in_prometheus_text(local_ray):
         _series("ray_arcopo_groups_consumed_total"): 5.0,
         _series("ray_arcopo_groups_applied_total"): 4.0,
         _series("ray_arcopo_groups_dropped_total", reason="stale"): 1.0,
+        _series("ray_arcopo_groups_quarantined_total", reason="nonfinite"): 2.0,
+        _series("ray_arcopo_nonfinite_steps_total"): 3.0,
         _series("ray_arcopo_replay_queue_length"): 7.0,
         _series("ray_arcopo_replay_corrupt_records_total"): 1.0,
         _series("ray_arcopo_rollout_workers"): 2.0,
@@ -137,6 +143,8 @@ def test_project_metrics_appear_in_prometheus_text(local_ray):
             break
         assert time.monotonic() < deadline, f"series missing or wrong after {SCRAPE_TIMEOUT_S}s: {wrong}"
         time.sleep(0.5)
+
+    assert _series("ray_arcopo_reward_mean", head="TA") not in scraped  # Ray's exporter drops a NaN sample
 
     # Every series name the project defines is there, under the name the dashboards use.
     names = {name for name, _ in scraped}

@@ -21,6 +21,8 @@ EXPECTED = {
     "arcopo_groups_consumed_total": ("counter", ()),
     "arcopo_groups_applied_total": ("counter", ()),
     "arcopo_groups_dropped_total": ("counter", ("reason",)),
+    "arcopo_groups_quarantined_total": ("counter", ("reason",)),
+    "arcopo_nonfinite_steps_total": ("counter", ()),
     "arcopo_replay_queue_length": ("gauge", ()),
     "arcopo_replay_corrupt_records_total": ("counter", ()),
     "arcopo_phase_seconds": ("histogram", ("phase",)),

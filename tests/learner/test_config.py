@@ -1,7 +1,19 @@
+import re
+
 import pytest
 import yaml
 
-from learner.config import POCKET_CONFIG, Config, ConfigError, dump_config, load_config, parse_override, pocket_default
+from learner.config import (
+    POCKET_CONFIG,
+    Config,
+    ConfigError,
+    check_reward_settings,
+    dump_config,
+    load_config,
+    parse_override,
+    pocket_default,
+    redact_secrets,
+)
 
 
 def test_pocket_default_is_the_shipped_file():
@@ -68,3 +80,76 @@ def test_dump_round_trips(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, field, problem",
+    [
+        ("run.iterations=true", "run.iterations", "a boolean is not a number"),
+        ("run.iterations=3.5", "run.iterations", "fractional part"),
+        ("algorithm.learning_rate=.inf", "algorithm.learning_rate", "finite number"),
+        ("algorithm.learning_rate=true", "algorithm.learning_rate", "a boolean is not a number"),
+        ("reward.timeout_s=.inf", "reward.timeout_s", "finite number"),
+        ("reward.num_actors=false", "reward.num_actors", "a boolean is not a number"),
+        ("reward.weights={VQ: .nan}", "reward.weights.VQ", "finite number"),
+        ("algorithm.tau=-.inf", "algorithm.tau", "finite number"),
+        ("algorithm.nft_selective_reg=1", "algorithm.nft_selective_reg", "valid boolean"),
+    ],
+)
+def test_wrong_kinds_and_infinities_are_refused_with_the_field_named(override, field, problem):
+    with pytest.raises(ConfigError, match=rf"{re.escape(field)}: .*{problem}"):
+        load_config(None, [override])
+
+
+def test_integers_are_still_accepted_where_a_real_number_is_expected():
+    cfg = load_config(None, ["algorithm.learning_rate=1", "reward.weights={TA: 2}", "algorithm.tau=3"])
+    assert cfg.algorithm.learning_rate == 1.0 and cfg.reward.weights == {"TA": 2.0} and cfg.algorithm.tau == 3.0
+
+
+def test_every_shipped_config_loads():
+    for path in sorted(POCKET_CONFIG.parent.glob("*.yaml")):
+        assert load_config(path).policy.preset, path
+
+
+def test_malformed_yaml_is_reported_by_path_and_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("algorithm:\n  learning_rate: 1e-4\n  group_size: 4: 5\nrun:\n  iterations: 2\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}:3:\d+: malformed YAML: mapping values are not allowed") as err:
+        load_config(path)
+    assert "<unicode string>" not in str(err.value)
+    with pytest.raises(ConfigError, match="override run.iterations: the value is not valid YAML"):
+        load_config(None, ["run.iterations=[1,"])
+
+
+def test_reward_model_and_heads_are_checked_without_building_the_model():
+    heads = check_reward_settings(load_config(None, ["reward.weights={TA: 1.0}"]).reward)
+    assert heads == ("VQ", "MQ", "TA")
+    with pytest.raises(ConfigError, match=r"reward\.weights: 'XQ' is not a head of reward model 'pocket' \(its heads: VQ, MQ, TA\)"):
+        check_reward_settings(load_config(None, ["reward.weights={VQ: 1.0, XQ: 1.0}"]).reward)
+    cfg = load_config(None, ["algorithm.nft_aux_heads=[VQ, TQ]"])
+    with pytest.raises(ConfigError, match=r"algorithm\.nft_aux_heads: 'TQ' is not a head"):
+        check_reward_settings(cfg.reward, cfg.algorithm)
+    with pytest.raises(ConfigError, match=r"reward\.model: unknown reward 'pocket_v2'; registered: .*'pocket'"):
+        check_reward_settings(load_config(None, ["reward.model=pocket_v2"]).reward)
+    # heads that are a function of the model's options (the simulated stand-in's)
+    cfg = load_config(None, ["reward.model='rollout_workers.simulated:fixed_cost'", "reward.options={heads: [A, B]}",
+                             "reward.weights={A: 1.0, VQ: 1.0}"])
+    with pytest.raises(ConfigError, match=r"'VQ' is not a head of reward model .*fixed_cost' \(its heads: A, B\)"):
+        check_reward_settings(cfg.reward)
+
+
+def test_passwords_in_urls_are_redacted_in_the_dumped_config():
+    cfg = load_config(None, ["replay.url='redis://:s3cret-pw@redis.internal:6380/2?prefix=run7'"])
+    text = dump_config(cfg)
+    assert "s3cret-pw" not in text and "redis://:***@redis.internal:6380/2?prefix=run7" in text
+    assert cfg.replay.url == "redis://:s3cret-pw@redis.internal:6380/2?prefix=run7"  # the run itself still has it
+    assert redact_secrets("rediss://user:p%40ss@h/0 and file:///a/b") == "rediss://user:***@h/0 and file:///a/b"
+    assert redact_secrets("redis://user@host:6379/0") == "redis://user@host:6379/0"  # no password, nothing to hide
+
+
+def test_a_mistyped_store_url_is_refused_without_showing_its_password():
+    with pytest.raises(ConfigError, match=r"replay\.url: Value error, unknown scheme 'redsi' in redsi://:\*\*\*@h:6379/0") as err:
+        load_config(None, ["replay.url='redsi://:hunter2@h:6379/0'"])
+    assert "hunter2" not in str(err.value)
+    assert load_config(None, ["replay.url='rediss://u:pw@h:6380/1?prefix=a'"]).replay.url.startswith("rediss://")
+    assert load_config(None, ["replay.url=runs/replay"]).replay.url == "runs/replay"  # a plain directory

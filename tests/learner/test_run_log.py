@@ -67,3 +67,33 @@ def test_reward_head_names_that_clash_with_metrics_columns_are_refused():
 
     with pytest.raises(ConfigError, match="reward.weights"):
         load_config(None, ["reward.weights={s: 1.0}"])
+
+
+def test_passwords_in_urls_are_redacted_in_log_lines_and_metrics(tmp_path):
+    import logging
+
+    from learner.run_log import RedactingFilter
+
+    path = tmp_path / "run.log"
+    logger = logging.getLogger("test_redaction")
+    handler = logging.FileHandler(path)
+    logger.addHandler(handler)
+    try:
+        RedactingFilter.install(logger)
+        RedactingFilter.install(logger)  # once per handler
+        assert len(handler.filters) == 1
+        logger.warning("store %s unreachable", "redis://:hunter2@10.0.0.5:6379/0?prefix=r")
+        try:
+            raise ConnectionError("cannot reach rediss://admin:hunter2@cache:6380/1")
+        except ConnectionError:
+            logger.exception("learner call failed")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    text = path.read_text()
+    assert "hunter2" not in text
+    assert "redis://:***@10.0.0.5:6379/0?prefix=r" in text and "rediss://admin:***@cache:6380/1" in text
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.append(_row(0, store="redis://:hunter2@h:1/0"))
+    assert "hunter2" not in log.path.read_text() and log.read()[0]["store"] == "redis://:***@h:1/0"

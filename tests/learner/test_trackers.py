@@ -217,3 +217,13 @@ def test_trackers_config_is_checked():
         load_config(None, ["run.trackers=[tensorboard]"])
     with pytest.raises(ConfigError, match="run.trackers"):
         load_config(None, ["run.trackers=[jsonl, comet]"])
+
+
+def test_config_hyper_parameters_carry_no_url_password():
+    from learner.config import load_config
+    from learner.trackers import flat_config
+
+    config = load_config(None, ["replay.url=redis://:hunter2@10.0.0.5:6379/0"])
+    params = flat_config(config)
+    assert "hunter2" not in repr(params)
+    assert params["replay.url"] == "redis://:***@10.0.0.5:6379/0"

@@ -98,11 +98,13 @@ def test_password_comes_from_the_environment_never_the_code(tmp_path, monkeypatc
 OUTAGE = dict(FAST, retry_attempts=3, retry_backoff_s=0.05, socket_timeout_s=0.5)
 
 
-def test_redis_killed_mid_run_gives_a_clear_retried_error_then_recovers(throwaway_redis):
-    store = replay.open_store(f"redis://127.0.0.1:{throwaway_redis.port}/0", **OUTAGE)
+def test_redis_killed_mid_run_gives_a_clear_retried_error_then_stops_on_the_lost_data(throwaway_redis):
+    url = f"redis://127.0.0.1:{throwaway_redis.port}/0"
+    store = replay.open_store(url, **OUTAGE)
     store.push(group(0))
     [d] = store.pull(1, "learner")
     store.ack(d)
+    store.push(group(2))  # queued when Redis goes
     throwaway_redis.kill()
     held = group(1)
     started = time.monotonic()
@@ -111,10 +113,20 @@ def test_redis_killed_mid_run_gives_a_clear_retried_error_then_recovers(throwawa
     with pytest.raises(replay.ReplayUnavailableError, match="pull failed 3 times"):
         store.pull(1, "learner", block_ms=100)
     assert time.monotonic() - started < 5  # bounded retries, no hang
-    throwaway_redis.start()  # an empty Redis (no persistence): the stream and the group are recreated
-    assert store.push(held) is not None  # the caller still held the group and pushes it again
-    [again] = store.pull(1, "learner")
-    assert_same_group(again.group, held)
+    throwaway_redis.start()  # an empty Redis (no persistence): group-2 and the applied set are gone
+    # Nothing is recreated: push, pull and ack each stop with the store's loss, and nothing is written.
+    with pytest.raises(replay.StoreLostError, match=r"has no run epoch.*push of group group-1.*applied set are gone.*--resume"):
+        store.push(held)
+    with pytest.raises(replay.StoreLostError, match="queue stream is gone"):
+        store.pull(1, "learner")
+    with pytest.raises(replay.StoreLostError, match="ack of group group-0"):
+        store.ack(d)
+    # A process that joins later with the run's epoch is refused too; one without an epoch starts a new store.
+    with pytest.raises(replay.StoreLostError, match=store.epoch):
+        replay.open_store(url, epoch=store.epoch, **OUTAGE)
+    assert redis.Redis(port=throwaway_redis.port).dbsize() == 0  # nothing was written to the empty Redis
+    fresh = replay.open_store(url, **OUTAGE)
+    assert fresh.epoch != store.epoch and fresh.push(held) is not None
 
 
 def test_redis_frozen_mid_run_times_out_instead_of_hanging(throwaway_redis):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from reward_service.base import RewardModel, Video
-from reward_service.registry import build_reward, register_reward, resolve_factory
+from reward_service.registry import build_reward, declared_heads, register_reward, resolve_factory
 
 
 def test_known_rewards_resolve_without_importing_heavy_libraries():
@@ -57,3 +57,30 @@ def test_a_name_cannot_be_taken_twice_and_factories_are_checked():
         build_reward("test_registry_not_a_reward")
     with pytest.raises(TypeError, match=r"'test_registry_plain' rejected its config \(keys \['size'\]\)"):
         build_reward("test_registry_plain", size=3)
+
+
+def test_declared_heads_are_known_without_building_and_must_match_the_model():
+    class Configured(RewardModel):
+        name = "configured"
+
+        def __init__(self, heads=("a", "b")):
+            self.heads = tuple(heads)
+
+        def score(self, videos, prompts):
+            return {h: np.zeros(len(videos)) for h in self.heads}
+
+    built = []
+    register_reward("test_registry_declared", heads=lambda heads=("a", "b"): tuple(heads))(
+        lambda **config: built.append(config) or Configured(**config))
+    assert declared_heads("test_registry_declared") == ("a", "b")
+    assert declared_heads("test_registry_declared", heads=["x"]) == ("x",)
+    assert built == []  # declaring heads builds nothing
+    assert build_reward("test_registry_declared", heads=["x"]).heads == ("x",)
+    register_reward("test_registry_lying", heads=("a", "z"))(Configured)
+    with pytest.raises(ValueError, match=r"registered with heads \('a', 'z'\) but the model has \('a', 'b'\)"):
+        build_reward("test_registry_lying")
+    register_reward("test_registry_undeclared")(Configured)
+    assert declared_heads("test_registry_undeclared") is None
+    assert declared_heads("pocket") == build_reward("pocket").heads == ("VQ", "MQ", "TA")
+    with pytest.raises(KeyError, match="unknown reward 'nope'"):
+        declared_heads("nope")
