@@ -167,6 +167,30 @@ def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return out.transpose(1, 2).flatten(2)
 
 
+def shared_context_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor
+) -> torch.Tensor:
+    """Each sample ``b`` of ``q, k, v [B, S, heads, head_dim]`` attends to ``[ctx | own k_b, v_b]``, where the
+    context ``ctx_k, ctx_v [1, S_ctx, heads, head_dim]`` is the same for every sample; ``[B, S, heads * head_dim]``.
+
+    The context is not copied per sample: keys and values are laid out once as ``[ctx | k_0 | ... | k_{B-1}]``
+    and given to every sample as a broadcast view, with a ``[B, 1, 1, S_ctx + B*S]`` mask hiding the other
+    samples' own tokens. The price is attention over ``(B - 1) * S`` masked keys per sample, which stays
+    small at the learner's micro-batch sizes. (SDPA returns no log-sum-exp to merge two separately computed
+    parts with, so one masked call it is.)
+    """
+    b, s = q.shape[:2]
+    ctx_k, ctx_v = ctx_k.to(k.dtype), ctx_v.to(v.dtype)
+    if b == 1 or ctx_k.shape[1] == 0:
+        return scaled_dot_product(q, torch.cat([ctx_k.expand(b, -1, -1, -1), k], 1), torch.cat([ctx_v.expand(b, -1, -1, -1), v], 1))
+    keys = torch.cat([ctx_k[0], k.flatten(0, 1)])[None].expand(b, -1, -1, -1)
+    values = torch.cat([ctx_v[0], v.flatten(0, 1)])[None].expand(b, -1, -1, -1)
+    own = torch.arange(b * s, device=q.device) // s
+    visible = torch.cat([torch.ones(b, ctx_k.shape[1], dtype=torch.bool, device=q.device),
+                         own[None, :] == torch.arange(b, device=q.device)[:, None]], dim=1)
+    return scaled_dot_product(q, keys, values, visible[:, None, None, :])
+
+
 def project_self_qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Queries, keys (both rotated) and values of a self-attention layer, ``[B, S, heads, head_dim]``."""
     q = rms_norm_fp32(attn.norm_q, attn.to_q(x)).unflatten(2, (attn.heads, -1))

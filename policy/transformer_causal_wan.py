@@ -19,7 +19,6 @@ import inspect
 
 import torch
 from diffusers import WanTransformer3DModel
-from torch.utils.checkpoint import checkpoint
 
 from policy.attention import (
     block_causal_mask,
@@ -66,6 +65,12 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         for name, buf in self.named_buffers():
             buf.data = buf.data.to(device=device)
         return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Dtype of the activations, keys/values and outputs: the cast weights' dtype, not that of the
+        float32-kept modules (``scale_shift_table`` and the time embedding come first in ``parameters()``)."""
+        return self.proj_out.weight.dtype
 
     # ------------------------------------------------------------------------------ geometry
     def tokens_per_frame(self, height: int, width: int) -> int:
@@ -153,7 +158,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         for i, block in enumerate(self.blocks):
             args = (block, x, mod, text_keys[i], text_values[i], make_self_attn(i))
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = checkpoint(self._block, *args, use_reentrant=False)
+                # diffusers' seam (`enable_gradient_checkpointing`): torch.utils.checkpoint per block.
+                x = self._gradient_checkpointing_func(self._block, *args)
             else:
                 x = self._block(*args)
         return x
@@ -220,8 +226,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         def make_self_attn(layer: int):
             def self_attn(attn, normed):
                 q, k, v = project_self_qkv(attn, normed, cos, sin)
-                keys, values = kv_cache.attend(layer, k, v, chunk)
-                return attn.to_out[1](attn.to_out[0](scaled_dot_product(q, keys, values)))
+                return attn.to_out[1](attn.to_out[0](kv_cache.attention(layer, q, k, v, chunk)))
 
             return self_attn
 
