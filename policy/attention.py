@@ -175,13 +175,15 @@ def shared_context_attention(
 
     The context is not copied per sample: keys and values are laid out once as ``[ctx | k_0 | ... | k_{B-1}]``
     and given to every sample as a broadcast view, with a ``[B, 1, 1, S_ctx + B*S]`` mask hiding the other
-    samples' own tokens. The price is attention over ``(B - 1) * S`` masked keys per sample, which stays
-    small at the learner's micro-batch sizes. (SDPA returns no log-sum-exp to merge two separately computed
-    parts with, so one masked call it is.)
+    samples' own tokens. The price is attention over ``(B - 1) * S`` masked keys per sample, small at the
+    learner's micro-batch sizes; where it would more than double the keys a sample attends to (many samples
+    of a short context, e.g. the pocket's un-micro-batched replay) the per-sample copy is cheaper and is
+    made instead. (SDPA returns no log-sum-exp to merge two separately computed parts with, so one masked
+    call it is.)
     """
     b, s = q.shape[:2]
     ctx_k, ctx_v = ctx_k.to(k.dtype), ctx_v.to(v.dtype)
-    if b == 1 or ctx_k.shape[1] == 0:
+    if b == 1 or ctx_k.shape[1] == 0 or (b - 1) * s > ctx_k.shape[1] + s:
         return scaled_dot_product(q, torch.cat([ctx_k.expand(b, -1, -1, -1), k], 1), torch.cat([ctx_v.expand(b, -1, -1, -1), v], 1))
     keys = torch.cat([ctx_k[0], k.flatten(0, 1)])[None].expand(b, -1, -1, -1)
     values = torch.cat([ctx_v[0], v.flatten(0, 1)])[None].expand(b, -1, -1, -1)
