@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -155,9 +156,21 @@ def check_window(frames_per_chunk: int, local_window: int | None, sink_frames: i
         )
 
 
+def upcast_apply(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x.float())``, keeping only ``x`` (not its float32 copy) for the backward.
+
+    Wan normalises in float32; a norm on the upcast input would save that float32 copy of a whole
+    activation for its backward. Under grad the upcast and ``fn`` are recomputed in the backward
+    instead (``torch.utils.checkpoint``, a norm's cost), so a low-precision model saves its activations
+    in its own dtype. The values are the same either way."""
+    if x.dtype == torch.float32 or not (torch.is_grad_enabled() and x.requires_grad):
+        return fn(x.float())
+    return checkpoint(lambda t: fn(t.float()), x, use_reentrant=False)
+
+
 def rms_norm_fp32(norm: torch.nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """Wan's RMSNorm: statistics in float32, cast back, then the learned scale."""
-    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype)
+    normed = upcast_apply(lambda t: F.rms_norm(t, (t.shape[-1],), eps=norm.eps), x).to(x.dtype)
     return normed * norm.weight.to(x.dtype) if norm.weight is not None else normed
 
 

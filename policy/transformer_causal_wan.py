@@ -28,6 +28,7 @@ from policy.attention import (
     rope_cos_sin,
     scaled_dot_product,
     teacher_forcing_mask,
+    upcast_apply,
 )
 from policy.kv_cache import ChunkSlots, KVCache
 
@@ -144,13 +145,13 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         def per_frame(t):  # [B, S, D] -> [B, F, S/F, D] so [B, F, 1, D] modulation broadcasts
             return t.view(b, frames, s // frames, d)
 
-        normed = (block.norm1(per_frame(x).float()) * (1 + scale) + shift).type_as(x).view(b, s, d)
+        normed = (upcast_apply(block.norm1, per_frame(x)) * (1 + scale) + shift).type_as(x).view(b, s, d)
         attn_out = self_attn(block.attn1, normed)
         x = (per_frame(x).float() + per_frame(attn_out) * gate).type_as(x).view(b, s, d)
 
-        x = x + cross_attention(block.attn2, block.norm2(x.float()).type_as(x), text_k, text_v)
+        x = x + cross_attention(block.attn2, upcast_apply(block.norm2, x).type_as(x), text_k, text_v)
 
-        normed = (block.norm3(per_frame(x).float()) * (1 + c_scale) + c_shift).type_as(x).view(b, s, d)
+        normed = (upcast_apply(block.norm3, per_frame(x)) * (1 + c_scale) + c_shift).type_as(x).view(b, s, d)
         ff = block.ffn(normed)
         return (per_frame(x).float() + per_frame(ff).float() * c_gate).type_as(x).view(b, s, d)
 
@@ -170,7 +171,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         frames, hp, wp = grid
         shift, scale = (self.scale_shift_table.float()[:, None] + temb[:, :, None]).chunk(2, dim=2)
         x = x.view(b, frames, s // frames, d)
-        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        x = (upcast_apply(self.norm_out, x) * (1 + scale) + shift).type_as(x)
         x = self.proj_out(x.view(b, s, d))
         _, ph, pw = self.config.patch_size
         x = x.reshape(b, frames, hp, wp, ph, pw, -1)  # temporal patch is 1

@@ -159,3 +159,35 @@ def test_replay_over_the_shared_prefix_equals_replay_over_copied_prefixes(name, 
     grads = [torch.autograd.grad(out.square().mean(), params) for out in (shared, copied)]
     for a, c in zip(*grads):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-7)
+
+
+def _bf16_replay(policy, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    f = policy.frames_per_chunk
+    text = torch.randn(1, 6, policy.transformer.config.text_dim, generator=g)
+    prefix = torch.randn(2 * f, *policy.latent_shape, generator=g)
+    cache = rebuild_prefix_cache(policy, text, prefix)
+    x_t = torch.randn(2, f, *policy.latent_shape, generator=g)
+    return lambda: replay_pivot_chunk(policy, text, prefix, x_t, torch.tensor([900.0, 250.0]), prefix_cache=cache)
+
+
+def test_a_bf16_replay_saves_no_float32_activation_and_keeps_its_gradient(monkeypatch):
+    learner, _ = _lora_policies()
+    model = learner.transformer
+    replay = _bf16_replay(learner)
+    tokens = 2 * learner.frames_per_chunk * model.tokens_per_frame(*learner.latent_shape[1:])
+    activation = tokens * model.config.num_attention_heads * model.config.attention_head_dim
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = replay()
+    wide = [t for t in saved if t.numel() >= activation and t.dtype in (torch.float32, torch.float64)]
+    assert not wide, [(t.dtype, tuple(t.shape)) for t in wide]
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.float().square().mean(), params)
+    # The same replay upcasting in place (what Wan's code does): the same values and gradients, bit for bit.
+    monkeypatch.setattr("policy.attention.upcast_apply", lambda fn, x: fn(x.float()))
+    monkeypatch.setattr("policy.transformer_causal_wan.upcast_apply", lambda fn, x: fn(x.float()))
+    plain = replay()
+    assert torch.equal(plain, out)
+    for a, b in zip(grads, torch.autograd.grad(plain.float().square().mean(), params)):
+        assert torch.equal(a, b)
