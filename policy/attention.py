@@ -165,7 +165,7 @@ def upcast_apply(fn, x: torch.Tensor) -> torch.Tensor:
     in its own dtype. The values are the same either way."""
     if x.dtype == torch.float32 or not (torch.is_grad_enabled() and x.requires_grad):
         return fn(x.float())
-    return checkpoint(lambda t: fn(t.float()), x, use_reentrant=False)
+    return checkpoint(lambda t: fn(t.float()), x, use_reentrant=False, preserve_rng_state=False)  # a norm draws no random numbers
 
 
 def rms_norm_fp32(norm: torch.nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
