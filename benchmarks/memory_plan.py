@@ -133,12 +133,13 @@ def replay_memory(policy: StreamingVideoPolicy, micro_batch: int, pivot: int, te
     Runs on ``policy.device`` (meta to plan, cpu to measure); the adapter's gradients must already
     exist (they are resident state, counted with the optimiser, not here)."""
     dev, f = policy.device, policy.frames_per_chunk
-    text = torch.zeros(1, text_tokens, policy.transformer.config.text_dim, device=dev, dtype=policy.dtype)
     prefix = torch.zeros(pivot * f, *policy.latent_shape, device=dev)
     x_t = torch.zeros(micro_batch, f, *policy.latent_shape, device=dev)
     steps = torch.full((micro_batch,), 500.0, device=dev)
     mem = TensorMemory()
     with mem, flash_attention_on_meta():
+        # The group's text conditioning, as `policy.text_conditioning` returns it (a new stacked tensor).
+        text = torch.zeros(1, text_tokens, policy.transformer.config.text_dim, device=dev, dtype=policy.dtype)
         cache = rebuild_prefix_cache(policy, text, prefix)
         cache_bytes = mem.live
         mem.reset_peak()

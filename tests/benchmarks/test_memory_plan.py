@@ -47,11 +47,11 @@ def measured_update(policy, checkpointing: bool, samples: int, micro: int) -> di
     optimizer = torch.optim.AdamW(lora, lr=1e-5)
     pivot, f = PRESET.num_chunks - 1, PRESET.frames_per_chunk
     gen = torch.Generator().manual_seed(0)
-    text = torch.randn(1, TEXT_TOKENS, WAN21_T2V_1_3B["text_dim"], generator=gen).to(torch.bfloat16)
     prefix = torch.randn(pivot * f, *PRESET.latent_shape, generator=gen)
     x_t = torch.randn(samples, f, *PRESET.latent_shape, generator=gen)
     mem = TensorMemory()
     with mem:
+        text = torch.randn(1, TEXT_TOKENS, WAN21_T2V_1_3B["text_dim"], generator=gen, dtype=torch.bfloat16)
         cache = rebuild_prefix_cache(policy, text, prefix)
         cache_bytes = mem.live
         for lo in range(0, samples, micro):
