@@ -36,8 +36,10 @@ def materialize_random_(module: torch.nn.Module, dtype: torch.dtype, device: tor
                 data.zero_()
             elif param.ndim == 1:
                 data.fill_(1.0)
+            elif data.device.type == "cpu":
+                data.normal_(0.0, 0.02, generator=gen)  # in place, in the final dtype: no float32 copy
             else:
-                data.copy_(torch.randn(param.shape, generator=gen).mul_(0.02))
+                data.copy_(torch.randn(param.shape, generator=gen, dtype=target).mul_(0.02))
             sub._parameters[local] = torch.nn.Parameter(data, requires_grad=param.requires_grad)
         for local, buf in list(sub._buffers.items()):
             if buf is not None and buf.device.type == "meta":

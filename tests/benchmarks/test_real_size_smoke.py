@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.real_size_smoke import run_smoke
+from benchmarks.real_size_smoke import SMALL_GROUP, run_smoke
 from learner.config import load_config
 
 
 @pytest.mark.slow
 def test_real_width_smoke_runs_with_the_real_configs_settings():
-    config = load_config("configs/self_forcing.yaml",
-                         ["algorithm.group_size=4", "algorithm.anchors_per_group=2", "rollout.branch_batch_size=2"])
+    config = load_config("configs/self_forcing.yaml", SMALL_GROUP)
     assert config.policy.activation_checkpointing and config.algorithm.micro_batch_size == 2 and config.lora.rank == 64
     report = run_smoke(config, latent=(16, 4, 4), num_chunks=2, num_layers=1)
     assert report["kv_cache_dtype"] == "torch.bfloat16"
