@@ -44,7 +44,13 @@ class PolicySettings(_Section):
     text_encoder_path: Path | None = None
     vae_path: Path | None = None
     device: str = "auto"
+    # Dtype of the frozen base weights and of the compute; the trainable LoRA adapter, its gradients, the
+    # optimiser state and the checkpointed adapter stay float32 whatever this is (learner/mixed_precision.py).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Recompute each transformer block's activations in the learner's backward (torch.utils.checkpoint
+    # per block) instead of saving them: the saved activations of a replayed sample shrink to each
+    # block's input; the backward costs one more forward. Same gradient either way.
+    activation_checkpointing: bool = False
 
 
 class LoraSettings(_Section):
@@ -62,6 +68,10 @@ class AlgorithmSettings(_Section):
     updates_per_iteration: Int = Field(2, ge=1)
     groups_per_iteration: Int = Field(8, ge=1)
     learning_rate: Real = Field(1e-5, gt=0)
+    # (anchor, step) samples per pivot-replay forward with gradient (copo, sde_grpo): the group's samples
+    # are replayed in micro-batches of this size and their gradients accumulated, which equals the
+    # full batch's gradient; it bounds the learner's saved activations. None: all samples in one forward.
+    micro_batch_size: Int | None = Field(None, ge=1)
     weight_decay: Real = Field(0.0, ge=0)
     max_grad_norm: Real = Field(1.0, gt=0)
     clip_eps: Real | None = Field(1e-4, gt=0)

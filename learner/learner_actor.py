@@ -42,10 +42,11 @@ from learner.checkpoint import (
 from learner.config import Config
 from learner.group_validation import GroupRejected, PolicyGeometry, check_group
 from learner.nonfinite_guard import NonFiniteGuard
+from learner.micro_batches import copo_group_backward, sde_grpo_group_backward
 from learner.nft_trainer import CHECKPOINT_ADAPTERS, NftTrainer
 from learner.objectives import sample_anchors
 from learner.policy_factory import add_adapter, build_configured_policy
-from learner.updates import GroupLoss, copo_group_loss, sde_grpo_group_loss
+from learner.updates import GroupLoss
 from policy.lora import export_adapter_state
 from replay import Delivery, ReplayUnavailableError, StoreLostError, open_store
 from replay.record import CandidateGroup
@@ -95,8 +96,10 @@ class Learner:
 
     # ------------------------------------------------------------------ broadcast
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        """The sampling policy's adapter tensors: the trained adapter, or NFT's old adapter."""
-        return export_adapter_state(self.policy.transformer, self.nft.sampling_adapter if self.nft else self.adapter)
+        """The sampling policy's adapter tensors (the trained adapter, or NFT's old adapter) in the workers'
+        dtype: the learner keeps them in float32, a worker computes in `policy.dtype`."""
+        name = self.nft.sampling_adapter if self.nft else self.adapter
+        return export_adapter_state(self.policy.transformer, name, dtype=self.policy.dtype)
 
     def publish(self) -> tuple[int, int]:
         """Put the current adapter in the object store once; returns (version, bytes)."""
@@ -178,14 +181,15 @@ class Learner:
         return torch.from_numpy(adv)
 
     # ------------------------------------------------------------------ update
-    def _group_loss(self, group: CandidateGroup, adv: torch.Tensor) -> GroupLoss:
-        alg = self.config.algorithm
+    def _group_backward(self, group: CandidateGroup, adv: torch.Tensor, loss_scale: float) -> GroupLoss:
+        """Back-propagate `loss_scale` x the group's loss (in micro-batches when configured); returns the loss."""
+        alg, micro = self.config.algorithm, self.config.algorithm.micro_batch_size
         valid = torch.nonzero(group.reward_valid).flatten()
         if alg.objective == "copo":
             pick = sample_anchors(len(valid), min(alg.anchors_per_group, len(valid)), self.anchor_rng)
-            return copo_group_loss(self.policy, group, adv, valid[pick], alg.tau, alg.effective_clip_eps)
+            return copo_group_backward(self.policy, group, adv, valid[pick], alg.tau, alg.effective_clip_eps, micro, loss_scale)
         if alg.objective == "sde_grpo":  # re-noise forks only: checked at the door (group_validation)
-            return sde_grpo_group_loss(self.policy, group, adv, valid, alg.effective_clip_eps, alg.sde_eta)
+            return sde_grpo_group_backward(self.policy, group, adv, valid, alg.effective_clip_eps, alg.sde_eta, micro, loss_scale)
         raise NotImplementedError(f"objective {alg.objective!r} is trained by its own learner")
 
     def train_groups(self, groups: list[CandidateGroup]) -> dict:
@@ -206,9 +210,8 @@ class Learner:
             self.optimizer.zero_grad(set_to_none=True)
             step_losses = []
             for group, adv in usable:
-                out = self._group_loss(group, adv)
-                (out.loss / len(usable)).backward()
-                step_losses.append(out.loss.item())
+                out = self._group_backward(group, adv, loss_scale=1 / len(usable))
+                step_losses.append(float(out.loss))
                 clip_fracs.append(out.clip_fraction)
                 deviations.append(out.ratio_deviation)
             losses.append(sum(step_losses) / len(step_losses))

@@ -44,6 +44,7 @@ from learner.nft import (
 )
 from learner.updates import AdapterSwitch, NftAdapters, nft_group_update
 from policy.lora import attach_adapter, export_adapter_state, import_adapter_state, set_active_adapter
+from policy.lora_precision import keep_adapter_in_float32
 from policy.pipeline import StreamingVideoPolicy
 from replay.record import CandidateGroup
 from reward_service.multi_reward import combine
@@ -89,6 +90,7 @@ class NftTrainer:
         start = export_adapter_state(transformer, trainable)
         for name in (OLD_ADAPTER, REFERENCE_ADAPTER):
             attach_adapter(transformer, name, rank=config.r, alpha=config.lora_alpha, target_modules=sorted(config.target_modules))
+            keep_adapter_in_float32(transformer, name)  # the EMA of small steps would round away in bf16
             import_adapter_state(transformer, name, start)  # both start equal to the trainable adapter
         set_active_adapter(transformer, trainable)
         transformer.to(policy.device)

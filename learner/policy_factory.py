@@ -6,6 +6,7 @@ import torch
 
 from learner.config import LoraSettings, PolicySettings
 from policy.lora import DEFAULT_TARGETS, attach_adapter
+from policy.lora_precision import keep_adapter_in_float32
 from policy.pipeline import StreamingVideoPolicy
 from policy.presets import build_policy, get_preset
 
@@ -26,7 +27,7 @@ def build_configured_policy(settings: PolicySettings) -> StreamingVideoPolicy:
     if settings.preset == "pocket":
         from policy.pocket.preset import WEIGHTS_DIR, load_pocket_policy
 
-        return load_pocket_policy(settings.transformer_checkpoint or WEIGHTS_DIR, device=device, dtype=dtype)
+        return _with_memory_settings(load_pocket_policy(settings.transformer_checkpoint or WEIGHTS_DIR, device=device, dtype=dtype), settings)
     preset = get_preset(settings.preset)
     paths = {
         "checkpoint_path": settings.transformer_checkpoint,
@@ -39,11 +40,22 @@ def build_configured_policy(settings: PolicySettings) -> StreamingVideoPolicy:
         preset = preset.model_copy(update={"checkpoint_kind": settings.checkpoint_kind})
     if paths:
         preset = preset.with_paths(**paths)
-    return build_policy(preset, device=device, dtype=dtype)
+    return _with_memory_settings(build_policy(preset, device=device, dtype=dtype), settings)
 
 
-def add_adapter(policy: StreamingVideoPolicy, name: str, lora: LoraSettings) -> None:
-    """Attach a trainable LoRA adapter named `name` (zero-initialised B, so the policy is unchanged)."""
+def _with_memory_settings(policy: StreamingVideoPolicy, settings: PolicySettings) -> StreamingVideoPolicy:
+    if settings.activation_checkpointing:  # takes effect in forwards with grad only (the learner's)
+        policy.transformer.enable_gradient_checkpointing()
+    return policy
+
+
+def add_adapter(policy: StreamingVideoPolicy, name: str, lora: LoraSettings, train: bool = True) -> None:
+    """Attach a LoRA adapter named `name` (zero-initialised B, so the policy is unchanged).
+
+    One the learner trains (`train`) is held in float32 and computed in the base dtype
+    (`keep_adapter_in_float32`); a rollout worker's stays in the base dtype, as the broadcast arrives."""
     targets = lora.target_modules or list(DEFAULT_TARGETS)
     attach_adapter(policy.transformer, name, rank=lora.rank, alpha=lora.alpha, target_modules=targets)
+    if train:
+        keep_adapter_in_float32(policy.transformer, name)
     policy.transformer.to(policy.device)

@@ -29,7 +29,7 @@ from replay.record import CandidateGroup
 
 @dataclass
 class GroupLoss:
-    loss: torch.Tensor  # scalar with grad
+    loss: torch.Tensor  # scalar: with grad from `*_group_loss`, detached from `learner.micro_batches` (backward done)
     clip_fraction: float
     ratio_deviation: float  # max |rho - 1| (how far the update moved the surrogate policy)
 

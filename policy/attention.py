@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -155,9 +156,21 @@ def check_window(frames_per_chunk: int, local_window: int | None, sink_frames: i
         )
 
 
+def upcast_apply(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x.float())``, keeping only ``x`` (not its float32 copy) for the backward.
+
+    Wan normalises in float32; a norm on the upcast input would save that float32 copy of a whole
+    activation for its backward. Under grad the upcast and ``fn`` are recomputed in the backward
+    instead (``torch.utils.checkpoint``, a norm's cost), so a low-precision model saves its activations
+    in its own dtype. The values are the same either way."""
+    if x.dtype == torch.float32 or not (torch.is_grad_enabled() and x.requires_grad):
+        return fn(x.float())
+    return checkpoint(lambda t: fn(t.float()), x, use_reentrant=False, preserve_rng_state=False)  # a norm draws no random numbers
+
+
 def rms_norm_fp32(norm: torch.nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """Wan's RMSNorm: statistics in float32, cast back, then the learned scale."""
-    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype)
+    normed = upcast_apply(lambda t: F.rms_norm(t, (t.shape[-1],), eps=norm.eps), x).to(x.dtype)
     return normed * norm.weight.to(x.dtype) if norm.weight is not None else normed
 
 
@@ -165,6 +178,32 @@ def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     """Attention over ``[B, S, heads, head_dim]`` tensors; returns ``[B, S_q, heads * head_dim]``."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
+
+
+def shared_context_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor
+) -> torch.Tensor:
+    """Each sample ``b`` of ``q, k, v [B, S, heads, head_dim]`` attends to ``[ctx | own k_b, v_b]``, where the
+    context ``ctx_k, ctx_v [1, S_ctx, heads, head_dim]`` is the same for every sample; ``[B, S, heads * head_dim]``.
+
+    The context is not copied per sample: keys and values are laid out once as ``[ctx | k_0 | ... | k_{B-1}]``
+    and given to every sample as a broadcast view, with a ``[B, 1, 1, S_ctx + B*S]`` mask hiding the other
+    samples' own tokens. The price is attention over ``(B - 1) * S`` masked keys per sample, small at the
+    learner's micro-batch sizes; where it would more than double the keys a sample attends to (many samples
+    of a short context, e.g. the pocket's un-micro-batched replay) the per-sample copy is cheaper and is
+    made instead. (SDPA returns no log-sum-exp to merge two separately computed parts with, so one masked
+    call it is.)
+    """
+    b, s = q.shape[:2]
+    ctx_k, ctx_v = ctx_k.to(k.dtype), ctx_v.to(v.dtype)
+    if b == 1 or ctx_k.shape[1] == 0 or (b - 1) * s > ctx_k.shape[1] + s:
+        return scaled_dot_product(q, torch.cat([ctx_k.expand(b, -1, -1, -1), k], 1), torch.cat([ctx_v.expand(b, -1, -1, -1), v], 1))
+    keys = torch.cat([ctx_k[0], k.flatten(0, 1)])[None].expand(b, -1, -1, -1)
+    values = torch.cat([ctx_v[0], v.flatten(0, 1)])[None].expand(b, -1, -1, -1)
+    own = torch.arange(b * s, device=q.device) // s
+    visible = torch.cat([torch.ones(b, ctx_k.shape[1], dtype=torch.bool, device=q.device),
+                         own[None, :] == torch.arange(b, device=q.device)[:, None]], dim=1)
+    return scaled_dot_product(q, keys, values, visible[:, None, None, :])
 
 
 def project_self_qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

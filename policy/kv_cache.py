@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from policy.attention import check_window, frame_visible
+from policy.attention import check_window, frame_visible, scaled_dot_product, shared_context_attention
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,8 @@ class KVCache:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> KVCache:
+        """A cache for ``model`` in its compute dtype (``model.compute_dtype`` where it has one) unless
+        ``dtype`` is given, on its device unless ``device`` is."""
         cfg = model.config
         param = next(model.parameters())
         return cls(
@@ -109,7 +111,7 @@ class KVCache:
             max_frames=max_frames,
             local_window=local_window,
             sink_frames=sink_frames,
-            dtype=dtype or param.dtype,
+            dtype=dtype or getattr(model, "compute_dtype", param.dtype),
             device=device or param.device,
         )
 
@@ -178,6 +180,18 @@ class KVCache:
         ctx_k = _take(self.keys[layer], chunk.context_index)
         ctx_v = _take(self.values[layer], chunk.context_index)
         return torch.cat([ctx_k, k.to(ctx_k.dtype)], dim=1), torch.cat([ctx_v, v.to(ctx_v.dtype)], dim=1)
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: ChunkSlots) -> torch.Tensor:
+        """Self-attention output ``[B, S, heads * head_dim]`` of the chunk's queries over ``attend``'s keys.
+
+        A read-only cache whose storage is one video broadcast to the batch (``expand(copy=False)``, as the
+        learner's pivot replay builds it) hands its context to ``shared_context_attention`` once, instead
+        of concatenating a copy of it to every sample's own K/V."""
+        if not chunk.write and self.batch_size > 1 and self.keys[layer].stride(0) == 0:
+            ctx_k = _take(self.keys[layer][:1], chunk.context_index)
+            ctx_v = _take(self.values[layer][:1], chunk.context_index)
+            return shared_context_attention(q, k, v, ctx_k, ctx_v)
+        return scaled_dot_product(q, *self.attend(layer, k, v, chunk))
 
     def has_text(self) -> bool:
         return self.text_keys is not None

@@ -122,10 +122,13 @@ def disable_adapters(transformer: torch.nn.Module) -> Iterator[torch.nn.Module]:
             p.requires_grad_(requires_grad[id(p)])
 
 
-def export_adapter_state(transformer: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Adapter ``name``'s tensors: flat, detached copies on the CPU, contiguous, keys without the name."""
+def export_adapter_state(
+    transformer: torch.nn.Module, name: str, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors: flat, detached copies on the CPU (cast to ``dtype`` if given), contiguous,
+    keys without the name."""
     return {
-        key: param.detach().to("cpu", copy=True).contiguous()
+        key: param.detach().to("cpu", dtype=dtype, copy=True).contiguous()
         for key, param in _adapter_parameters(transformer, name).items()
     }
 

@@ -19,7 +19,6 @@ import inspect
 
 import torch
 from diffusers import WanTransformer3DModel
-from torch.utils.checkpoint import checkpoint
 
 from policy.attention import (
     block_causal_mask,
@@ -29,6 +28,7 @@ from policy.attention import (
     rope_cos_sin,
     scaled_dot_product,
     teacher_forcing_mask,
+    upcast_apply,
 )
 from policy.kv_cache import ChunkSlots, KVCache
 
@@ -66,6 +66,12 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         for name, buf in self.named_buffers():
             buf.data = buf.data.to(device=device)
         return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Dtype of the activations, keys/values and outputs: the cast weights' dtype, not that of the
+        float32-kept modules (``scale_shift_table`` and the time embedding come first in ``parameters()``)."""
+        return self.proj_out.weight.dtype
 
     # ------------------------------------------------------------------------------ geometry
     def tokens_per_frame(self, height: int, width: int) -> int:
@@ -139,13 +145,13 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         def per_frame(t):  # [B, S, D] -> [B, F, S/F, D] so [B, F, 1, D] modulation broadcasts
             return t.view(b, frames, s // frames, d)
 
-        normed = (block.norm1(per_frame(x).float()) * (1 + scale) + shift).type_as(x).view(b, s, d)
+        normed = (upcast_apply(block.norm1, per_frame(x)) * (1 + scale) + shift).type_as(x).view(b, s, d)
         attn_out = self_attn(block.attn1, normed)
         x = (per_frame(x).float() + per_frame(attn_out) * gate).type_as(x).view(b, s, d)
 
-        x = x + cross_attention(block.attn2, block.norm2(x.float()).type_as(x), text_k, text_v)
+        x = x + cross_attention(block.attn2, upcast_apply(block.norm2, x).type_as(x), text_k, text_v)
 
-        normed = (block.norm3(per_frame(x).float()) * (1 + c_scale) + c_shift).type_as(x).view(b, s, d)
+        normed = (upcast_apply(block.norm3, per_frame(x)) * (1 + c_scale) + c_shift).type_as(x).view(b, s, d)
         ff = block.ffn(normed)
         return (per_frame(x).float() + per_frame(ff).float() * c_gate).type_as(x).view(b, s, d)
 
@@ -153,7 +159,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         for i, block in enumerate(self.blocks):
             args = (block, x, mod, text_keys[i], text_values[i], make_self_attn(i))
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = checkpoint(self._block, *args, use_reentrant=False)
+                # diffusers' seam (`enable_gradient_checkpointing`): torch.utils.checkpoint per block.
+                x = self._gradient_checkpointing_func(self._block, *args)
             else:
                 x = self._block(*args)
         return x
@@ -164,7 +171,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         frames, hp, wp = grid
         shift, scale = (self.scale_shift_table.float()[:, None] + temb[:, :, None]).chunk(2, dim=2)
         x = x.view(b, frames, s // frames, d)
-        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        x = (upcast_apply(self.norm_out, x) * (1 + scale) + shift).type_as(x)
         x = self.proj_out(x.view(b, s, d))
         _, ph, pw = self.config.patch_size
         x = x.reshape(b, frames, hp, wp, ph, pw, -1)  # temporal patch is 1
@@ -220,8 +227,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         def make_self_attn(layer: int):
             def self_attn(attn, normed):
                 q, k, v = project_self_qkv(attn, normed, cos, sin)
-                keys, values = kv_cache.attend(layer, k, v, chunk)
-                return attn.to_out[1](attn.to_out[0](scaled_dot_product(q, keys, values)))
+                return attn.to_out[1](attn.to_out[0](kv_cache.attention(layer, q, k, v, chunk)))
 
             return self_attn
 

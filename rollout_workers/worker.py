@@ -47,7 +47,7 @@ class RolloutWorker:
         self.adapter = self.config.algorithm.effective_adapter_name if adapter_source is not None else None
         self.version = 0
         if self.adapter is not None:
-            add_adapter(self.policy, self.adapter, self.config.lora)
+            add_adapter(self.policy, self.adapter, self.config.lora, train=False)
             self.set_adapter(*pull_current_adapter(adapter_source))
         self.reward_server = reward_server
         self.heads: tuple[str, ...] = tuple(ray.get(reward_server.heads.remote()))
