@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from policy.attention import scaled_dot_product
 from policy.kv_cache import KVCache
 from policy.pipeline import StreamingVideoPolicy
 
@@ -126,6 +127,10 @@ class _RecacheView:
         sink_k = cache.keys[layer][:, : self.sink_tokens]
         sink_v = cache.values[layer][:, : self.sink_tokens]
         return torch.cat([sink_k, k_new.to(sink_k.dtype)], 1), torch.cat([sink_v, v_new.to(sink_v.dtype)], 1)
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: None) -> torch.Tensor:
+        """``KVCache.attention``'s contract: the re-run frames attend, unmasked, to ``attend``'s keys."""
+        return scaled_dot_product(q, *self.attend(layer, k, v, chunk))
 
 
 @torch.no_grad()

@@ -81,6 +81,7 @@ def test_bf16_policy_trains_a_float32_adapter_and_resumes_exactly(tmp_path):
 
     # A second learner restored from iteration 2's checkpoint takes the same third step, bit for bit.
     second = _learner(tmp_path, "ckpt", "store2")
+    second.store.mark_applied(["g1", "g2"])  # its own store, holding the run's applied set (a restore checks it)
     second.restore_latest()
     _iterate(first, 3)
     _iterate(second, 3)
