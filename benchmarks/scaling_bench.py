@@ -26,7 +26,7 @@ from pathlib import Path
 import ray
 
 from learner.config import load_config
-from learner.rollout_fleet import RolloutFleet
+from controller.rollout_fleet import RolloutFleet
 from replay import open_store
 from reward_service.server import RewardServer
 from rollout_workers.simulated import FIXED_COST_REWARD, SimulatedRolloutWorker, preset_geometry

@@ -1,7 +1,7 @@
 """Held-out evaluation of base, trained and merged weights, side by side, in this process.
 
 Every candidate sees the same (prompt, noise seed) pairs: the held-out pocket prompts (unseen colour,
-shape and direction combinations), one video each, seeds from `learner.task_sampler.eval_set` with
+shape and direction combinations), one video each, seeds from `controller.task_sampler.eval_set` with
 run seed 0, whatever seed a model was trained with. Scores: every verifier head, Overall (their sum,
 as VideoAlign's), and FVD-p (`policy.pocket.ood_metric.pocket_fvd`; the real reference videos'
 features are computed once here and reused for every candidate).
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from experiments.tables import HEADS, Scores
-from learner.evaluation import evaluate_policy
+from controller.evaluation import evaluate_policy
 from learner.policy_factory import build_configured_policy
-from learner.task_sampler import eval_set, load_prompts
+from controller.task_sampler import eval_set, load_prompts
 from policy.lora import load_adapter, merge_adapters
 from policy.pocket.ood_metric import frechet_distance, reference_videos, video_features
 from reward_service.registry import build_reward

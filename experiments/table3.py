@@ -18,7 +18,7 @@ from experiments.report import Claim, Section
 from experiments.stats import spearman
 from experiments.tables import Scores, aggregate, scores_table
 from experiments.training import RunResult, run_config, runs_note, train_run
-from learner.merge import PAPER_SCALES, select_scale
+from controller.merge import PAPER_SCALES, select_scale
 
 SCALES = PAPER_SCALES  # 0, 0.4, 0.5, 0.6, 0.8, 1.0
 

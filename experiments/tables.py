@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from experiments.report import markdown_table
 from experiments.stats import Stat, mean_spread
-from learner.evaluation import EvalSummary
+from controller.evaluation import EvalSummary
 
 HEADS = ("TA", "VQ", "MQ")  # the paper's Table 2 order
 COLUMNS = (*HEADS, "Overall", "FVD")

@@ -1,4 +1,4 @@
-"""Training runs through the real driver (`learner.main.train`), one output directory per run.
+"""Training runs through the real driver (`controller.driver.train`), one output directory per run.
 
 A run's directory is named by its label, seed and a hash of its full configuration, and gets a
 `finished.json` when training returned. A finished run with the same configuration is reused (the
@@ -71,7 +71,7 @@ def ensure_ray(num_workers: int) -> None:
 
 def train_run(label: str, config: Config, work_dir: Path, fresh: bool = False) -> RunResult:
     """Train `config` (or reuse its finished run) under `work_dir`; returns the metrics rows."""
-    from learner.main import train
+    from controller.driver import train
 
     directory = Path(work_dir) / f"{label}-seed{config.run.seed}-{config_hash(config)}"
     marker = directory / FINISHED
@@ -94,7 +94,7 @@ def train_run(label: str, config: Config, work_dir: Path, fresh: bool = False) -
 
 
 def _rows(directory: Path) -> list[dict]:
-    from learner.run_log import MetricsLog
+    from controller.run_log import MetricsLog
 
     return MetricsLog(directory / "metrics.jsonl").read()
 

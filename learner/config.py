@@ -173,7 +173,7 @@ class RunSettings(_Section):
     checkpoint_every: Int = Field(10, ge=1)
     learner_num_gpus: Real = Field(0.0, ge=0)
     learner_resources: dict[str, Real] = Field(default_factory=dict)  # e.g. {"learner_gpu": 1}
-    # Where metrics, the config, sample videos and the reward curve go (learner/trackers.py). jsonl is
+    # Where metrics, the config, sample videos and the reward curve go (controller/trackers.py). jsonl is
     # metrics.jsonl, which resuming and reward_curve.png read, so it is always on.
     trackers: list[Literal["jsonl", "tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["jsonl", "tensorboard"])
     mlflow_tracking_uri: str | None = None  # None: a file store under the output directory (mlruns/)

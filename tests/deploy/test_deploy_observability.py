@@ -1,5 +1,5 @@
 """Prometheus scrape config, alert rules, PodMonitor and the Grafana dashboard use the exact names
-learner/metrics.py makes Ray export (the live export itself is test_metrics_export.py)."""
+controller/metrics.py makes Ray export (the live export itself is test_metrics_export.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import yaml
 from deploy_files import DEPLOY, by_kind
 from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
 
-from learner.metrics import METRICS
+from controller.metrics import METRICS
 
 EXPORTED = {series for spec in METRICS.values() for series in spec.exported_series}
 # Any identifier that names one of the project's metrics, with or without Ray's prefix.
@@ -25,7 +25,7 @@ def check_expr(expr: str, where: str) -> set[str]:
     names = referenced_metrics(expr)
     assert names, f"{where}: no project metric in {expr!r}"
     unknown = names - EXPORTED
-    assert not unknown, f"{where}: {sorted(unknown)} are not series learner/metrics.py exports"
+    assert not unknown, f"{where}: {sorted(unknown)} are not series controller/metrics.py exports"
     assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), f"{where}: {expr!r}"
     return names
 

@@ -20,7 +20,7 @@ import pytest
 import ray
 from ray.util.metrics import Gauge
 
-from learner.metrics import METRICS, ProjectMetrics
+from controller.metrics import METRICS, ProjectMetrics
 
 SCRAPE_TIMEOUT_S = 25.0
 

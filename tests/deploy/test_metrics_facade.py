@@ -7,7 +7,7 @@ import math
 import pytest
 import ray
 
-from learner.metrics import METRICS, PHASES, MetricsUnavailable, ProjectMetrics
+from controller.metrics import METRICS, PHASES, MetricsUnavailable, ProjectMetrics
 
 # The names the issue fixes, with their kinds and labels; everything downstream (Grafana, alerts)
 # depends on these exact strings.

@@ -14,7 +14,7 @@ from experiments.budget import Budget
 from experiments.fig2 import method_config
 from experiments.heldout import HeldOut
 from experiments.training import FINISHED, train_run
-from learner.evaluation import evaluate_policy
+from controller.evaluation import evaluate_policy
 from policy.pocket.preset import load_pocket_policy
 from reward_service.registry import build_reward
 

@@ -2,7 +2,7 @@
 
     python tests/faults/driver_process.py OUTPUT STORE_URL WEIGHTS ITERATIONS GROUPS [--resume]
 
-The real driver (`learner.main.train`), learner, reward server and Redis store; simulated rollout
+The real driver (`controller.driver.train`), learner, reward server and Redis store; simulated rollout
 workers (a fixed compute time, valid pocket-sized groups) and the fixed-cost stand-in reward."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, as `python -m` would
 
 from learner.config import load_config  # noqa: E402
-from learner.main import train  # noqa: E402
+from controller.driver import train  # noqa: E402
 from rollout_workers.simulated import FIXED_COST_REWARD, SimulatedRolloutWorker, preset_geometry  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """One on-policy run on a local multi-node Ray cluster, with every fault of the issue staged in it.
 
-The real driver (`learner.main.train`), System, rollout fleet, reward server and pool, learner actor
+The real driver (`controller.driver.train`), System, rollout fleet, reward server and pool, learner actor
 (pocket model, untrained weights) and Redis replay store; the rollout workers are simulated
 (fixed compute time, valid pocket-sized groups). Redis is a throwaway `redis-server` on a free port
 with an append-only file, restarted by this module whenever a drill stops it. Drills (drills.py) fire
@@ -50,9 +50,9 @@ from drills import CRASH_REWARD, arm, armed  # noqa: E402
 from drills import DrillRolloutWorker  # noqa: E402
 
 from learner.config import load_config  # noqa: E402
-from learner.main import train  # noqa: E402
-from learner.scale import request_scale  # noqa: E402
-from learner.task_sampler import TaskSampler, load_prompts  # noqa: E402
+from controller.driver import train  # noqa: E402
+from controller.scale import request_scale  # noqa: E402
+from controller.task_sampler import TaskSampler, load_prompts  # noqa: E402
 from policy.pocket.preset import new_transformer, save_pocket_weights  # noqa: E402
 from replay import open_store  # noqa: E402
 from rollout_workers.simulated import preset_geometry  # noqa: E402

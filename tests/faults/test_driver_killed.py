@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from learner.config import load_config
-from learner.task_sampler import TaskSampler, load_prompts
+from controller.task_sampler import TaskSampler, load_prompts
 from replay import open_store
 
 HERE = Path(__file__).resolve().parent

@@ -1,4 +1,4 @@
-"""Two drills through the real driver (`learner.main.train`) on a local Ray cluster: the learner actor
+"""Two drills through the real driver (`controller.driver.train`) on a local Ray cluster: the learner actor
 (pocket model, untrained weights), the reward server and pool, two simulated rollout workers and the
 project's Redis under a key prefix of the test's own.
 
@@ -33,8 +33,8 @@ sys.path.insert(0, str(HERE))
 from poison_worker import POISONS, PoisonRolloutWorker  # noqa: E402
 
 from learner.config import load_config  # noqa: E402
-from learner.main import train  # noqa: E402
-from learner.task_sampler import TaskSampler, load_prompts  # noqa: E402
+from controller.driver import train  # noqa: E402
+from controller.task_sampler import TaskSampler, load_prompts  # noqa: E402
 from replay import StoreLostError, open_store  # noqa: E402
 from rollout_workers.simulated import FIXED_COST_REWARD, preset_geometry  # noqa: E402
 from tests.conftest import REDIS_URL  # noqa: E402

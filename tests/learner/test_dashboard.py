@@ -13,8 +13,8 @@ import pytest
 import ray
 
 from learner.config import load_config
-from learner.main import train
-from learner.ray_cluster import init_ray
+from controller.driver import train
+from controller.ray_cluster import init_ray
 
 
 def _free_port() -> int:
@@ -35,7 +35,7 @@ def test_a_dashboard_that_cannot_start_is_logged_and_ray_runs_without_it(no_ray,
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        with caplog.at_level(logging.WARNING, logger="learner.ray_cluster"):
+        with caplog.at_level(logging.WARNING, logger="controller.ray_cluster"):
             url = init_ray(1, dashboard_port=taken.getsockname()[1])
     assert url is None and ray.is_initialized()
     assert "dashboard could not start" in caplog.text and "occupied" in caplog.text

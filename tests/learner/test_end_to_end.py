@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from learner.config import load_config
-from learner.main import train
+from controller.driver import train
 from policy.lora import PEFT_KEY_PREFIX
 from policy.pocket.domain import NUM_FRAMES
 

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from learner.config import dump_config, load_config
-from learner.export import ExportError, export_pipeline_lora, main
+from controller.export import ExportError, export_pipeline_lora, main
 from policy.lora import attach_adapter, export_adapter_state, import_adapter_state, save_adapter
 from policy.presets import build_policy
 

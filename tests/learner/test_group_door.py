@@ -14,7 +14,7 @@ import torch
 import replay
 from learner.config import CONFIG_DIR, load_config
 from learner.learner_actor import Learner
-from learner.metrics import ProjectMetrics
+from controller.metrics import ProjectMetrics
 from learner.nonfinite_guard import NonFiniteUpdateError
 from policy.lora import export_adapter_state
 from policy.pocket import domain

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from learner.config import load_config
-from learner.evaluation import EvalSummary
-from learner.merge import adapter_dir, merge_sweep, select_scale
+from controller.evaluation import EvalSummary
+from controller.merge import adapter_dir, merge_sweep, select_scale
 from learner.policy_factory import add_adapter, build_configured_policy
 from policy.lora import adapter_delta, load_adapter, save_adapter
 from diffusers import WanTransformer3DModel
@@ -44,7 +44,7 @@ def test_merge_sweep_writes_the_table_and_the_merged_weights(untrained_pocket_we
         if name == "on":
             reference = policy.transformer  # holds the "on" adapter, to compute the expected merge
     chosen = []
-    monkeypatch.setattr("learner.merge.select_scale", lambda base, merged: chosen.append(merged) or 1.0)
+    monkeypatch.setattr("controller.merge.select_scale", lambda base, merged: chosen.append(merged) or 1.0)
     result = merge_sweep(config, adapter_dir(dirs["semi"]), adapter_dir(dirs["on"]), [0.0, 1.0], "pocket_fvd", tmp_path / "m")
 
     table = (tmp_path / "m" / "merge.md").read_text()

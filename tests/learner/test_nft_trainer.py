@@ -362,7 +362,7 @@ def test_broadcast_carries_the_old_adapter_and_resume_continues_exactly(pocket_w
 
 @pytest.mark.slow
 def test_nft_runs_through_the_driver_on_a_local_ray_cluster(ray_local, pocket_weights, tmp_path):
-    from learner.main import train
+    from controller.driver import train
 
     out = tmp_path / "run"
     overrides = ["rollout.num_workers=1", "algorithm.group_size=3", "algorithm.anchors_per_group=2",

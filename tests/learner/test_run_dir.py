@@ -13,9 +13,9 @@ import logging
 import pytest
 
 from checkpoint_fixtures import ADAPTER, RANK, flip_tensor_byte, write_checkpoint
-from learner import main as driver
+from controller import driver
 from learner.config import ConfigError, dump_config, load_config
-from learner.run_dir import ResumeError, find_resume_point
+from controller.run_dir import ResumeError, find_resume_point
 
 SMALL = [f"lora.rank={RANK}", "run.iterations=1"]
 

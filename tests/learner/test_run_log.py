@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from learner.run_log import MetricsLog, plot_reward_curves, reward_curve_series, reward_heads
+from controller.run_log import MetricsLog, plot_reward_curves, reward_curve_series, reward_heads
 
 
 def _row(i, **extra):
@@ -72,7 +72,7 @@ def test_reward_head_names_that_clash_with_metrics_columns_are_refused():
 def test_passwords_in_urls_are_redacted_in_log_lines_and_metrics(tmp_path):
     import logging
 
-    from learner.run_log import RedactingFilter
+    from controller.run_log import RedactingFilter
 
     path = tmp_path / "run.log"
     logger = logging.getLogger("test_redaction")

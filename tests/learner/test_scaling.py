@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from learner.scale import SCALE_FILE, ScaleRequestError, main as scale_main, read_scale_request, request_scale
+from controller.scale import SCALE_FILE, ScaleRequestError, main as scale_main, read_scale_request, request_scale
 
 
 def test_scale_request_keeps_counts_not_named_again(tmp_path):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from learner.config import load_config
-from learner.run_log import MetricsLog, plot_reward_curves
-from learner.trackers import Media, Tracker, Trackers, flat_config
+from controller.run_log import MetricsLog, plot_reward_curves
+from controller.trackers import Media, Tracker, Trackers, flat_config
 from policy.video_io import grid_video
 
 ROWS = [
@@ -192,7 +192,7 @@ class _Broken(Tracker):
 def test_a_failing_tracker_is_logged_and_disabled_and_the_others_go_on(caplog):
     recorder = _Recorder()
     fanout = Trackers([_Broken(), recorder])
-    with caplog.at_level(logging.ERROR, logger="learner.trackers"):
+    with caplog.at_level(logging.ERROR, logger="controller.trackers"):
         for row in ROWS:
             fanout.log_iteration(row)
     assert recorder.rows == [0, 1] and fanout.names == ["recorder"]
@@ -202,7 +202,7 @@ def test_a_failing_tracker_is_logged_and_disabled_and_the_others_go_on(caplog):
 
 def test_a_tracker_that_cannot_start_is_left_out(tmp_path, caplog):
     config = load_config(None, ["run.trackers=[jsonl, mlflow]", "run.mlflow_tracking_uri=nosuchscheme://x"])
-    with caplog.at_level(logging.ERROR, logger="learner.trackers"):
+    with caplog.at_level(logging.ERROR, logger="controller.trackers"):
         fanout = Trackers.open(config, tmp_path, MetricsLog(tmp_path / "metrics.jsonl"))
     assert fanout.names == ["jsonl"] and set(fanout.disabled) == {"mlflow"}
     assert "tracker mlflow could not start" in caplog.text
@@ -221,7 +221,7 @@ def test_trackers_config_is_checked():
 
 def test_config_hyper_parameters_carry_no_url_password():
     from learner.config import load_config
-    from learner.trackers import flat_config
+    from controller.trackers import flat_config
 
     config = load_config(None, ["replay.url=redis://:hunter2@10.0.0.5:6379/0"])
     params = flat_config(config)

@@ -33,11 +33,11 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 from learner.checkpoint import latest_checkpoint
 from learner.config import Config
 from learner.learner_actor import Learner
-from learner.metrics import ProjectMetrics
-from learner.ray_cluster import init_ray
-from learner.rollout_fleet import RolloutFleet, wait_for_store
-from learner.scale import ScaleRequestError, read_scale_request
-from learner.store_identity import pin_store_epoch
+from controller.metrics import ProjectMetrics
+from controller.ray_cluster import init_ray
+from controller.rollout_fleet import RolloutFleet, wait_for_store
+from controller.scale import ScaleRequestError, read_scale_request
+from controller.store_identity import pin_store_epoch
 from replay import URL_ENV as REPLAY_URL_ENV, ReplayUnavailableError, open_store, with_store_option
 from reward_service.server import RewardServer
 from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from learner.config import Config, redact_secrets
-from learner.run_log import MetricsLog
+from controller.run_log import MetricsLog
 
 log = logging.getLogger(__name__)
 TRACKER_RUNS_FILE = "tracker_runs.json"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from learner.config import redact_secrets
-from learner.metrics import PHASES
+from controller.metrics import PHASES
 
 REQUIRED_KEYS = ("iteration", "reward_mean", "loss", "clip_fraction", "policy_version")
 

@@ -31,7 +31,7 @@ from learner.checkpoint import (
     verify_checkpoint,
 )
 from learner.config import Config, dump_config
-from learner.store_identity import EPOCH_FILE
+from controller.store_identity import EPOCH_FILE
 
 log = logging.getLogger(__name__)
 
