@@ -52,35 +52,44 @@ class TextKV:
     values: list[torch.Tensor]
 
 
-class KVCacheSelfAttnProcessor:
-    """``attn1`` of layer ``layer``: queries/keys RMS-normalised in float32 and rotated at absolute
-    frames, attending as the call's ``SelfAttentionPlan`` says (keys are cached after RoPE)."""
+class _LayerProcessor:
+    """A processor of one layer; given no causal call state it is diffusers' ``WanAttnProcessor``."""
 
     def __init__(self, layer: int) -> None:
         self.layer = layer
         self.bidirectional = WanAttnProcessor()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if not isinstance(rotary_emb, SelfAttentionPlan):
+        state = self.call_state(encoder_hidden_states, rotary_emb)
+        if state is None:
             return self.bidirectional(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        plan = rotary_emb
+        return self.attend(attn, hidden_states, state)
+
+
+class KVCacheSelfAttnProcessor(_LayerProcessor):
+    """``attn1``: queries/keys RMS-normalised in float32 and rotated at absolute frames, attending as the
+    call's ``SelfAttentionPlan`` says (keys are cached after RoPE)."""
+
+    @staticmethod
+    def call_state(encoder_hidden_states, rotary_emb) -> SelfAttentionPlan | None:
+        return rotary_emb if isinstance(rotary_emb, SelfAttentionPlan) else None
+
+    def attend(self, attn, hidden_states: torch.Tensor, plan: SelfAttentionPlan) -> torch.Tensor:
         x = hidden_states.reshape(plan.batch, -1, hidden_states.shape[-1])
         q, k, v = project_self_qkv(attn, x, plan.cos, plan.sin)
         out = attn.to_out[1](attn.to_out[0](plan.attend(self.layer, q, k, v)))
         return out.reshape(hidden_states.shape)
 
 
-class CachedTextAttnProcessor:
-    """``attn2`` of layer ``layer``: the chunk's queries attend to the call's precomputed ``TextKV``."""
+class CachedTextAttnProcessor(_LayerProcessor):
+    """``attn2``: the queries attend to the call's precomputed ``TextKV``."""
 
-    def __init__(self, layer: int) -> None:
-        self.layer = layer
-        self.bidirectional = WanAttnProcessor()
+    @staticmethod
+    def call_state(encoder_hidden_states, rotary_emb) -> TextKV | None:
+        return encoder_hidden_states if isinstance(encoder_hidden_states, TextKV) else None
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if not isinstance(encoder_hidden_states, TextKV):
-            return self.bidirectional(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        text_k, text_v = encoder_hidden_states.keys[self.layer], encoder_hidden_states.values[self.layer]
+    def attend(self, attn, hidden_states: torch.Tensor, text: TextKV) -> torch.Tensor:
+        text_k, text_v = text.keys[self.layer], text.values[self.layer]
         x = hidden_states.reshape(text_k.shape[0], -1, hidden_states.shape[-1])
         return cross_attention(attn, x, text_k, text_v).reshape(hidden_states.shape)
 

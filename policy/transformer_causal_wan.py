@@ -115,7 +115,11 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         return x.flatten(2).transpose(1, 2).contiguous()
 
     def _time_embedding(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-frame ``temb [B, F, dim]`` and block modulation ``[B, F, 6, dim]`` (float32)."""
+        """Per-frame ``temb [B, F, dim]`` and block modulation ``[B, F, 6, dim]`` (float32).
+
+        diffusers' modules, not ``condition_embedder.forward``: that computes the sinusoid in float32
+        (Wan: float64), casts ``temb`` to the text's dtype, and embeds the text in the same call (a
+        chunk forward embeds it once per video, into the cache)."""
         emb = self.condition_embedder
         sinus = sinusoidal_embedding(timesteps.flatten(), self.config.freq_dim)
         temb = emb.time_embedder(sinus.to(emb.time_embedder.linear_1.weight.dtype))
