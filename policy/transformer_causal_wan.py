@@ -11,6 +11,13 @@ entry points take latents frames-first ``[B, F, C, H, W]`` and per-frame timeste
 
 Numerics follow the original Wan code: float64 sinusoidal time embedding and RoPE, float32
 statistics for RMSNorm/LayerNorm, float32 modulation.
+
+The blocks are diffusers' own ``WanTransformerBlock.forward``: the KV cache enters through the attention
+processor seam (``policy.causal_processors``, installed with ``set_attn_processor``), per-frame
+timesteps through the block's own modulation with each frame folded into a row (``fold_frames``), and
+the norms keep no float32 copy for the backward (``policy.upcast_norm``). The output head is the only
+block-level code kept here (``_head``): diffusers writes it inline in ``WanTransformer3DModel.forward``,
+so it cannot be called on its own. ``tests/policy/test_diffusers_seam.py`` fails when either changes.
 """
 
 from __future__ import annotations
@@ -22,15 +29,14 @@ from diffusers import WanTransformer3DModel
 
 from policy.attention import (
     block_causal_mask,
-    cross_attention,
-    project_self_qkv,
     project_text_kv,
     rope_cos_sin,
-    scaled_dot_product,
     teacher_forcing_mask,
     upcast_apply,
 )
-from policy.kv_cache import ChunkSlots, KVCache
+from policy.causal_processors import SelfAttentionPlan, TextKV, causal_processors, fold_frames
+from policy.kv_cache import KVCache
+from policy.upcast_norm import recompute_block_norm_upcasts
 
 
 def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
@@ -51,6 +57,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             raise ValueError(f"block-causal generation needs a temporal patch of 1, got patch_size={cfg.patch_size}")
         if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None:
             raise ValueError("image conditioning (image_dim / added_kv_proj_dim) is not supported by the causal model")
+        self.set_attn_processor(causal_processors(cfg.num_layers))
+        for block in self.blocks:
+            recompute_block_norm_upcasts(block)
         self.forward_calls = 0  # model calls
         self.sample_forwards = 0  # model calls weighted by batch size: one per video per chunk forward
 
@@ -106,7 +115,11 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         return x.flatten(2).transpose(1, 2).contiguous()
 
     def _time_embedding(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-frame ``temb [B, F, dim]`` and block modulation ``[B, F, 6, dim]`` (float32)."""
+        """Per-frame ``temb [B, F, dim]`` and block modulation ``[B, F, 6, dim]`` (float32).
+
+        diffusers' modules, not ``condition_embedder.forward``: that computes the sinusoid in float32
+        (Wan: float64), casts ``temb`` to the text's dtype, and embeds the text in the same call (a
+        chunk forward embeds it once per video, into the cache)."""
         emb = self.condition_embedder
         sinus = sinusoidal_embedding(timesteps.flatten(), self.config.freq_dim)
         temb = emb.time_embedder(sinus.to(emb.time_embedder.linear_1.weight.dtype))
@@ -136,46 +149,38 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         return t
 
     # -------------------------------------------------------------------------------- blocks
-    def _block(self, block, x, mod, text_k, text_v, self_attn):
-        """diffusers' ``WanTransformerBlock.forward`` with modulation per frame instead of per video."""
-        b, s, d = x.shape
-        frames = mod.shape[1]
-        shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table.float()[:, None] + mod).chunk(6, dim=2)
-
-        def per_frame(t):  # [B, S, D] -> [B, F, S/F, D] so [B, F, 1, D] modulation broadcasts
-            return t.view(b, frames, s // frames, d)
-
-        normed = (upcast_apply(block.norm1, per_frame(x)) * (1 + scale) + shift).type_as(x).view(b, s, d)
-        attn_out = self_attn(block.attn1, normed)
-        x = (per_frame(x).float() + per_frame(attn_out) * gate).type_as(x).view(b, s, d)
-
-        x = x + cross_attention(block.attn2, upcast_apply(block.norm2, x).type_as(x), text_k, text_v)
-
-        normed = (upcast_apply(block.norm3, per_frame(x)) * (1 + c_scale) + c_shift).type_as(x).view(b, s, d)
-        ff = block.ffn(normed)
-        return (per_frame(x).float() + per_frame(ff).float() * c_gate).type_as(x).view(b, s, d)
-
-    def _run_blocks(self, x, mod, text_keys, text_values, make_self_attn):
-        for i, block in enumerate(self.blocks):
-            args = (block, x, mod, text_keys[i], text_values[i], make_self_attn(i))
+    def _run_blocks(self, x: torch.Tensor, mod: torch.Tensor, text: TextKV, plan: SelfAttentionPlan) -> torch.Tensor:
+        """diffusers' blocks on ``x [B, F * T, dim]`` with modulation ``mod [B, F, 6, dim]``; returns the
+        tokens folded ``[B * F, T, dim]``. The call's state rides in the block's ``encoder_hidden_states``
+        and ``rotary_emb`` arguments, so a checkpointed block recomputes with its own (see causal_processors)."""
+        x, temb = fold_frames(x, mod.shape[1]), mod.flatten(0, 1)
+        for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 # diffusers' seam (`enable_gradient_checkpointing`): torch.utils.checkpoint per block.
-                x = self._gradient_checkpointing_func(self._block, *args)
+                x = self._gradient_checkpointing_func(block, x, text, temb, plan)
             else:
-                x = self._block(*args)
+                x = block(x, text, temb, plan)
         return x
 
     def _head(self, x: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """Output norm, projection and unpatchify to frames-first ``[B, F, C, H, W]``."""
-        b, s, d = x.shape
-        frames, hp, wp = grid
+        """Output norm, projection and unpatchify of ``x [B, F, T, dim]`` to frames-first ``[B, F, C, H, W]``.
+
+        diffusers' head (the end of ``WanTransformer3DModel.forward``, inline there) with ``temb [B, F, dim]``
+        per frame, and the norm's float32 upcast recomputed in the backward (``upcast_apply``)."""
+        b, frames = x.shape[:2]
+        _, hp, wp = grid
         shift, scale = (self.scale_shift_table.float()[:, None] + temb[:, :, None]).chunk(2, dim=2)
-        x = x.view(b, frames, s // frames, d)
         x = (upcast_apply(self.norm_out, x) * (1 + scale) + shift).type_as(x)
-        x = self.proj_out(x.view(b, s, d))
+        x = self.proj_out(x)
         _, ph, pw = self.config.patch_size
         x = x.reshape(b, frames, hp, wp, ph, pw, -1)  # temporal patch is 1
         return x.permute(0, 1, 6, 2, 4, 3, 5).reshape(b, frames, -1, hp * ph, wp * pw)
+
+    def _text_for_batch(self, keys: list[torch.Tensor], values: list[torch.Tensor], batch: int) -> TextKV:
+        if keys[0].shape[0] == 1 and batch > 1:
+            keys = [k.expand(batch, -1, -1, -1) for k in keys]
+            values = [v.expand(batch, -1, -1, -1) for v in values]
+        return TextKV(keys, values)
 
     def _rope(self, frame_positions: torch.Tensor, hp: int, wp: int):
         return rope_cos_sin(self.config.attention_head_dim, frame_positions, hp, wp)
@@ -211,28 +216,17 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         if not kv_cache.has_text():
             if encoder_hidden_states is None:
                 raise ValueError("encoder_hidden_states is required until the cache holds the text K/V")
-            keys, values = self.text_kv(encoder_hidden_states)
-            if keys[0].shape[0] == 1 and b > 1:
-                keys = [k.expand(b, -1, -1, -1) for k in keys]
-                values = [v.expand(b, -1, -1, -1) for v in values]
-            kv_cache.set_text(keys, values)
+            text = self._text_for_batch(*self.text_kv(encoder_hidden_states), b)
+            kv_cache.set_text(text.keys, text.values)
 
         x = self._patchify(latents)
         temb, mod = self._time_embedding(t)
         positions = torch.arange(start_frame, start_frame + frames, device=x.device)
         cos, sin = self._rope(positions, grid[1], grid[2])
-        chunk: ChunkSlots = kv_cache.plan_chunk(start_frame, frames, write_cache)
+        plan = SelfAttentionPlan(b, cos, sin, kv_cache=kv_cache, chunk=kv_cache.plan_chunk(start_frame, frames, write_cache))
         self._count(b)
-
-        def make_self_attn(layer: int):
-            def self_attn(attn, normed):
-                q, k, v = project_self_qkv(attn, normed, cos, sin)
-                return attn.to_out[1](attn.to_out[0](kv_cache.attention(layer, q, k, v, chunk)))
-
-            return self_attn
-
-        x = self._run_blocks(x, mod, kv_cache.text_keys, kv_cache.text_values, make_self_attn)
-        return self._head(x, temb, grid)
+        x = self._run_blocks(x, mod, TextKV(kv_cache.text_keys, kv_cache.text_values), plan)
+        return self._head(x.unflatten(0, (b, frames)), temb, grid)
 
     def forward_dense(
         self,
@@ -277,19 +271,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             mask = teacher_forcing_mask(frames, frames_per_chunk, tpf, local_window, sink_frames, x.device)
         self._count(b)
 
-        text_keys, text_values = self.text_kv(encoder_hidden_states)
-        if text_keys[0].shape[0] == 1 and b > 1:
-            text_keys = [k.expand(b, -1, -1, -1) for k in text_keys]
-            text_values = [v.expand(b, -1, -1, -1) for v in text_values]
-
-        def make_self_attn(layer: int):
-            def self_attn(attn, normed):
-                q, k, v = project_self_qkv(attn, normed, cos, sin)
-                return attn.to_out[1](attn.to_out[0](scaled_dot_product(q, k, v, mask)))
-
-            return self_attn
-
-        x = self._run_blocks(x, mod, text_keys, text_values, make_self_attn)
+        text = self._text_for_batch(*self.text_kv(encoder_hidden_states), b)
+        x = self._run_blocks(x, mod, text, SelfAttentionPlan(b, cos, sin, mask=mask)).unflatten(0, (b, -1))
         if clean_latents is not None:
-            x, temb = x[:, frames * tpf :], temb[:, frames:]
+            x, temb = x[:, frames:], temb[:, frames:]
         return self._head(x, temb, grid)

@@ -187,6 +187,7 @@ def test_a_bf16_replay_saves_no_float32_activation_and_keeps_its_gradient(monkey
     # The same replay upcasting in place (what Wan's code does): the same values and gradients, bit for bit.
     monkeypatch.setattr("policy.attention.upcast_apply", lambda fn, x: fn(x.float()))
     monkeypatch.setattr("policy.transformer_causal_wan.upcast_apply", lambda fn, x: fn(x.float()))
+    monkeypatch.setattr("policy.upcast_norm.upcast_apply", lambda fn, x: fn(x.float()))
     plain = replay()
     assert torch.equal(plain, out)
     for a, b in zip(grads, torch.autograd.grad(plain.float().square().mean(), params)):
