@@ -7,9 +7,12 @@ bookkeeping and no visibility rule: the tests spell out, frame by frame, what Lo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from policy.attention import project_self_qkv, scaled_dot_product
+from policy.attention import scaled_dot_product
+from policy.causal_processors import SelfAttentionPlan, TextKV
 
 
 def run_frames(model, latents, timesteps, start_frame, text, context=None, keep_from=0):
@@ -22,22 +25,22 @@ def run_frames(model, latents, timesteps, start_frame, text, context=None, keep_
     x = model._patchify(latents)
     temb, mod = model._time_embedding(torch.as_tensor(timesteps, dtype=torch.float32).expand(1, n))
     cos, sin = model._rope(torch.arange(start_frame, start_frame + n), h // ph, w // pw)
-    text_k, text_v = model.text_kv(text)
+    text_keys, text_values = model.text_kv(text)
     kept = []
 
-    def make_self_attn(layer):
-        def self_attn(attn, normed):
-            q, k, v = project_self_qkv(attn, normed, cos, sin)
+    @dataclass(frozen=True)
+    class ExplicitKeys(SelfAttentionPlan):
+        """Every query attends, unmasked, to the given context plus the own frames from `keep_from` on."""
+
+        def attend(self, layer, q, k, v):
             k, v = k[:, keep_from * tpf :], v[:, keep_from * tpf :]
             kept.append((k, v))
             if context is not None:
                 k, v = torch.cat([context[layer][0], k], 1), torch.cat([context[layer][1], v], 1)
-            return attn.to_out[1](attn.to_out[0](scaled_dot_product(q, k, v)))
+            return scaled_dot_product(q, k, v)
 
-        return self_attn
-
-    x = model._run_blocks(x, mod, text_k, text_v, make_self_attn)
-    return model._head(x, temb, (n, h // ph, w // pw)), kept
+    x = model._run_blocks(x, mod, TextKV(text_keys, text_values), ExplicitKeys(1, cos, sin))
+    return model._head(x.unflatten(0, (1, n)), temb, (n, h // ph, w // pw)), kept
 
 
 def join(*per_layer_kv):
