@@ -224,6 +224,7 @@ def rollout_group(
                 pivot_x0.append(preds)
             chunks.append(x0)
         branch_latents.append(torch.cat(chunks, dim=1))
+        del cache  # before the next batch's cache is expanded: two batches' caches never live at once
 
     latents = torch.cat([prefix_latents[None].expand(g, -1, -1, -1, -1), torch.cat(branch_latents)], dim=1)
     return GroupRollout(
