@@ -67,6 +67,15 @@ def _poller(group: ActorGroup, done: list):
     return poll
 
 
+def _started(size: int, **options):
+    """A group of `size` ready members, the list its poll collects finished work into, and the poll."""
+    group, done = _group(**options), []
+    poll = _poller(group, done)
+    group.resize(size)
+    group.settle(poll, 60, 0.5, lambda: "not ready")
+    return group, done, poll
+
+
 def _dead(handle) -> bool:
     try:
         ray.get(handle.ready.remote(), timeout=30)
@@ -76,10 +85,7 @@ def _dead(handle) -> bool:
 
 
 def test_resize_starts_new_members_and_removes_idle_ones_first(cluster):
-    group, done = _group(), []
-    poll = _poller(group, done)
-    group.resize(2)
-    group.settle(poll, 60, 0.5, lambda: "not ready")
+    group, done, poll = _started(2)
     first, second = group.members
     assert {first.info["name"], second.info["name"]} == {"doubler-0", "doubler-1"}
     assert first.info["pid"] != second.info["pid"]
@@ -103,10 +109,7 @@ def test_resize_starts_new_members_and_removes_idle_ones_first(cluster):
 
 
 def test_a_busy_member_drains_and_leaves_after_its_work(cluster):
-    group, done = _group(), []
-    poll = _poller(group, done)
-    group.resize(2)
-    group.settle(poll, 60, 0.5, lambda: "not ready")
+    group, done, poll = _started(2)
     for k, member in enumerate(group.members):
         group.submit(member, member.handle.work.remote(k + 1, 1.0 + k), k)
     first, second = group.members
@@ -124,10 +127,7 @@ def test_a_busy_member_drains_and_leaves_after_its_work(cluster):
 
 
 def test_a_member_that_dies_is_restarted_by_ray_and_probed_back(cluster):
-    group, done = _group(max_restarts=1), []
-    poll = _poller(group, done)
-    group.resize(1)
-    group.settle(poll, 60, 0.5, lambda: "not ready")
+    group, done, poll = _started(1, max_restarts=1)
     (member,) = group.members
     old_pid = member.info["pid"]
     with pytest.raises(RayActorError):
@@ -141,10 +141,7 @@ def test_a_member_that_dies_is_restarted_by_ray_and_probed_back(cluster):
 
 
 def test_replace_puts_a_fresh_actor_in_the_same_place(cluster):
-    group, done = _group(), []
-    poll = _poller(group, done)
-    group.resize(2)
-    group.settle(poll, 60, 0.5, lambda: "not ready")
+    group, done, poll = _started(2)
     old = group.members[0]
     fresh = group.replace(old, "a test asked")
     assert group.members[0] is fresh and fresh.name == "doubler-2" and group.replaced == 1
