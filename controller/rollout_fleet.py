@@ -24,16 +24,15 @@ Failures:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from actor_group import ActorGroup, Member, wait_any
 from learner.config import Config
 from replay import ReplayUnavailableError, StoreLostError, open_store
 from rollout_workers.tasks import GroupSummary, RolloutTask
@@ -42,21 +41,6 @@ from rollout_workers.worker import RolloutWorker
 log = logging.getLogger(__name__)
 
 _PROBE_RETRY_S = 0.25
-
-
-@dataclass(eq=False)
-class _Member:
-    name: str
-    handle: "ray.actor.ActorHandle"
-    probe: "ray.ObjectRef | None"  # an info() call in flight: the worker is starting or restarting
-    draining: bool = False
-    busy: dict = field(default_factory=dict)  # future -> task
-    info: dict = field(default_factory=dict)
-    last_task_at: float = 0.0
-
-    @property
-    def ready(self) -> bool:
-        return self.probe is None
 
 
 class RolloutFleet:
@@ -92,10 +76,8 @@ class RolloutFleet:
             **(worker_options or {}),
         }
         self._remote = ray.remote(worker_cls).options(**options)
-        self._names = itertools.count()
-        self.members: list[_Member] = []
+        self.group = ActorGroup("rollout", self._start_worker, lambda handle: handle.info.remote())
         self.failures = 0  # tasks that failed and were handed out again
-        self.replaced = 0  # workers replaced after their restarts were spent (or holding a newer adapter)
         self.store_waits = 0  # tasks that met an unreachable replay store
         self.init_failures = 0  # worker constructors failed in a row
         self._latest_adapter: tuple[int, ray.ObjectRef] | None = None
@@ -103,72 +85,57 @@ class RolloutFleet:
         self.resize(num_workers, wait=wait)
 
     # ------------------------------------------------------------------ membership
-    def _start(self) -> _Member:
-        name = f"rollout-{next(self._names)}"
+    def _start_worker(self, name: str) -> "ray.actor.ActorHandle":
         torch_threads = max(1, int(self.config.rollout.num_cpus_per_worker))
-        handle = self._remote.remote(
+        return self._remote.remote(
             self.config.model_dump(mode="json"), name, self.reward_server, self.store_url, self.adapter_source,
             torch_threads, **self.worker_kwargs,
         )
-        return _Member(name, handle, probe=handle.info.remote())
 
     def resize(self, num_workers: int, wait: bool = True) -> None:
         """Grow or shrink to `num_workers`. With `wait`, return once every new worker is ready;
         without, new workers join the running tasks as they become ready (e.g. when their node joins)."""
         if num_workers < 1:
             raise ValueError(f"the fleet needs at least one rollout worker, got {num_workers}")
-        active = [m for m in self.members if not m.draining]
-        fresh = [self._start() for _ in range(num_workers - len(active))]
-        self.members.extend(fresh)
-        cheapest_first = sorted(active, key=lambda m: (m.ready, len(m.busy)))
-        for member in cheapest_first[: max(0, len(active) - num_workers)]:
-            member.draining = True
-        self._retire_idle()
+        self.group.resize(num_workers)
         if wait:
             self.wait_ready()
         log.info("rollout fleet at %d workers (%d ready)", self.size, self.ready_size)
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Block until no worker is starting or restarting (raises TimeoutError after `timeout_s`)."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while any(not m.ready for m in self.members):
-            if deadline is not None and time.monotonic() > deadline:
-                starting = [m.name for m in self.members if not m.ready]
-                raise TimeoutError(f"rollout workers {starting} not ready after {timeout_s}s (no resources for them?)")
-            self._poll(timeout=1.0)
+        def describe() -> str:
+            starting = [m.name for m in self.group.members if m.starting]
+            return f"rollout workers {starting} not ready after {timeout_s}s (no resources for them?)"
+
+        self.group.settle(self._poll, timeout_s, 1.0, describe)
 
     @property
     def size(self) -> int:
         """Workers the fleet is meant to have (starting ones included, draining ones not)."""
-        return sum(not m.draining for m in self.members)
+        return sum(not m.draining for m in self.group.members)
 
     @property
     def ready_size(self) -> int:
         """Workers that take tasks now."""
-        return sum(m.ready and not m.draining for m in self.members)
+        return sum(m.takes_work for m in self.group.members)
 
-    def _retire_idle(self) -> None:
-        for member in [m for m in self.members if m.draining and not m.busy]:
-            ray.kill(member.handle, no_restart=True)
-            self.members.remove(member)
-
-    def _replace(self, member: _Member, why: str) -> None:
-        log.warning("replacing rollout worker %s: %s", member.name, why)
-        ray.kill(member.handle, no_restart=True)
-        index = self.members.index(member)
-        fresh = self._start()
-        fresh.draining = member.draining
-        self.members[index] = fresh
-        self.replaced += 1
-        self._retire_idle()
+    @property
+    def replaced(self) -> int:
+        """Workers replaced after their restarts were spent (or holding a newer adapter)."""
+        return self.group.replaced
 
     def handles(self) -> list:
         """Handles of the ready workers (the ones that take tasks now)."""
-        return [m.handle for m in self.members if m.ready and not m.draining]
+        return [m.handle for m in self.group.members if m.takes_work]
 
     def infos(self) -> list[dict]:
         """What each ready worker says about itself (name, pid, adapter version, ...)."""
         return ray.get([h.info.remote() for h in self.handles()])
+
+    def shutdown(self) -> None:
+        """Kill every worker for good."""
+        self.group.shutdown()
 
     # ------------------------------------------------------------------ broadcast
     def broadcast(self, version: int, adapter_ref: ray.ObjectRef, force: bool = False) -> None:
@@ -179,17 +146,17 @@ class RolloutFleet:
         from an older checkpoint, `force` makes the workers take its (older) adapter; a worker that
         still keeps another version is replaced, so it starts from the learner's adapter."""
         self._latest_adapter = (version, adapter_ref)  # what starting workers get once ready
-        ready = [m for m in self.members if m.ready and not m.draining]
+        ready = [m for m in self.group.members if m.takes_work]
         futures = [m.handle.set_adapter.remote(version, adapter_ref, force) for m in ready]
         for member, future in zip(ready, futures):
             try:
                 held = ray.get(future)
             except RayActorError as err:
                 log.warning("broadcast to %s failed (%s); it reloads the adapter when restarted", member.name, type(err).__name__)
-                member.probe = member.handle.info.remote()
+                self.group.reprobe(member)
                 continue
             if held != version:
-                self._replace(member, f"it holds adapter version {held}, the learner's is {version}")
+                self.group.replace(member, f"it holds adapter version {held}, the learner's is {version}")
 
     # ------------------------------------------------------------------ work
     def run(
@@ -204,82 +171,77 @@ class RolloutFleet:
         pending = deque(tasks)
         results: dict[str, GroupSummary] = {}
         attempts: dict[str, int] = {t.group_id: 0 for t in tasks}
-        while pending or any(m.busy for m in self.members):
+        while pending or any(m.busy for m in self.group.members):
             if on_tick is not None:
                 on_tick()
-            # Least recently given a task first, so every worker (a new one too) shares the work.
-            for member in sorted(self.members, key=lambda m: m.last_task_at):
-                while member.ready and not member.draining and pending and len(member.busy) < in_flight_per_worker:
-                    task = pending.popleft()
-                    attempts[task.group_id] += 1
-                    member.busy[member.handle.produce.remote(task)] = task
-                    member.last_task_at = time.monotonic()
-            if not self.members:
+            self._hand_out(pending, attempts, in_flight_per_worker)
+            if not self.group.members:
                 raise RuntimeError("rollout tasks remain but the fleet has no worker")
             for member, task, outcome in self._poll(timeout=1.0):
                 if isinstance(outcome, GroupSummary):
                     results[task.group_id] = outcome
                     continue
-                self.failures += 1
-                if isinstance(outcome, StoreLostError):
-                    raise outcome  # the run's store lost its data: retrying the task cannot help
-                if isinstance(outcome, ReplayUnavailableError):
-                    attempts[task.group_id] -= 1  # the store's outage, not the task's fault
-                    self.store_waits += 1
-                    log.warning("%s could not store %s: %s", member.name, task.group_id, outcome)
-                    self._await_store()
-                elif attempts[task.group_id] >= self.max_attempts:
-                    raise RuntimeError(
-                        f"group {task.group_id} failed {attempts[task.group_id]} times; last error: {outcome}"
-                    ) from outcome
-                else:
-                    log.warning("rollout of %s failed on %s (%s); retrying", task.group_id, member.name, type(outcome).__name__)
+                self._failed(member, task, outcome, attempts)
                 pending.append(task)
-            self._retire_idle()
+            self.group.retire_idle()
         return [results[t.group_id] for t in tasks]
 
-    def _poll(self, timeout: float) -> list[tuple[_Member, RolloutTask, object]]:
+    def _hand_out(self, pending: deque, attempts: dict[str, int], in_flight_per_worker: int) -> None:
+        # Least recently given a task first, so every worker (a new one too) shares the work.
+        for member in sorted(self.group.members, key=lambda m: m.last_work_at):
+            while member.takes_work and pending and len(member.busy) < in_flight_per_worker:
+                task = pending.popleft()
+                attempts[task.group_id] += 1
+                self.group.submit(member, member.handle.produce.remote(task), task)
+
+    def _failed(self, member: Member, task: RolloutTask, error: Exception, attempts: dict[str, int]) -> None:
+        """Account for a failed task before it is handed out again; raise if the run cannot go on."""
+        self.failures += 1
+        if isinstance(error, StoreLostError):
+            raise error  # the run's store lost its data: retrying the task cannot help
+        if isinstance(error, ReplayUnavailableError):
+            attempts[task.group_id] -= 1  # the store's outage, not the task's fault
+            self.store_waits += 1
+            log.warning("%s could not store %s: %s", member.name, task.group_id, error)
+            self._await_store()
+        elif attempts[task.group_id] >= self.max_attempts:
+            raise RuntimeError(
+                f"group {task.group_id} failed {attempts[task.group_id]} times; last error: {error}"
+            ) from error
+        else:
+            log.warning("rollout of %s failed on %s (%s); retrying", task.group_id, member.name, type(error).__name__)
+
+    def _poll(self, timeout: float) -> list[tuple[Member, RolloutTask, object]]:
         """Wait up to `timeout` for a task or a readiness probe; returns finished tasks as
         (member, task, GroupSummary or the exception it failed with)."""
-        waiting: dict = {}
-        for member in self.members:
-            waiting.update({f: (member, None) for f in member.busy})
-            if member.probe is not None:
-                waiting[member.probe] = (member, "probe")
-        if not waiting:
-            return []
-        done, _ = ray.wait(list(waiting), num_returns=1, timeout=timeout)
-        if done:
-            done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
+        waiting = self.group.waiting()
         finished = []
-        for ref in done:
-            member, kind = waiting[ref]
-            if kind == "probe":
+        for ref in wait_any(list(waiting), min(timeout, self.group.next_ping_in())):
+            member = waiting[ref]
+            if ref is member.probe:
                 orphans = self._probe_done(member, ref)
                 finished.extend((member, task, RuntimeError(f"worker {member.name} was replaced")) for task in orphans)
+                continue
+            if ref not in member.busy:  # its worker was replaced meanwhile: the task is an orphan above
                 continue
             task = member.busy.pop(ref)
             try:
                 finished.append((member, task, ray.get(ref)))
             except RayActorError as err:
-                member.probe = member.handle.info.remote()  # answered once Ray has restarted it
+                self.group.reprobe(member)  # answered once Ray has restarted it
                 finished.append((member, task, err))
             except RayTaskError as err:
                 cause = err.cause if isinstance(err.cause, Exception) else err
                 finished.append((member, task, cause if isinstance(cause, (ReplayUnavailableError, StoreLostError)) else err))
         return finished
 
-    def _probe_done(self, member: _Member, ref: ray.ObjectRef) -> list[RolloutTask]:
+    def _probe_done(self, member: Member, ref: ray.ObjectRef) -> list[RolloutTask]:
         """Act on a readiness probe; returns the tasks of a worker that had to be replaced."""
-        if member.probe is not ref:
-            return []
         try:
-            member.info = ray.get(ref)
-            member.probe = None
+            self.group.mark_ready(member, ray.get(ref))
             self._catch_up(member)
         except ActorUnavailableError:
-            time.sleep(_PROBE_RETRY_S)
-            member.probe = member.handle.info.remote()
+            self.group.reprobe(member, delay_s=_PROBE_RETRY_S)
         except RayActorError as err:
             if err.actor_init_failed:
                 # E.g. the learner was restarting when this worker asked it for the adapter; a config
@@ -296,12 +258,12 @@ class RolloutFleet:
                 why = f"it died and was not restarted ({type(err).__name__})"
             orphans = list(member.busy.values())
             member.busy.clear()
-            self._replace(member, why)
+            self.group.replace(member, why)
             return orphans
         self.init_failures = 0
         return []
 
-    def _catch_up(self, member: _Member) -> None:
+    def _catch_up(self, member: Member) -> None:
         """Give a worker that just became ready the last broadcast adapter, if it holds an older one."""
         if self._latest_adapter is None or member.info.get("adapter") is None:
             return
@@ -310,7 +272,7 @@ class RolloutFleet:
             try:
                 member.info["version"] = ray.get(member.handle.set_adapter.remote(version, ref))
             except RayActorError:
-                member.probe = member.handle.info.remote()  # died again: it pulls the adapter when restarted
+                self.group.reprobe(member)  # died again: it pulls the adapter when restarted
 
     def _await_store(self) -> None:
         wait_for_store(self.store_url, self.store_outage_s, "finished groups cannot be stored")

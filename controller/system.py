@@ -359,8 +359,7 @@ class System:
         wait_for_store(self.store_url, self.store_outage_s, "the learner cannot pull or ack groups")
 
     def shutdown(self) -> None:
-        for member in list(self.fleet.members):
-            ray.kill(member.handle, no_restart=True)
+        self.fleet.shutdown()
         try:
             ray.get(self.reward_server.shutdown.remote(), timeout=60)
         except Exception as err:  # shutting down anyway

@@ -13,7 +13,6 @@ NaN/inf on some samples marks only those samples invalid, with a reason (see `sc
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from actor_group import ActorGroup, Member, wait_any
 from reward_service.actor import RewardActor, RewardSpec
 from reward_service.base import Video
 from reward_service.pool_metrics import PoolMetrics
@@ -59,24 +59,11 @@ class _Batch:
     last_error: str = ""
 
 
-@dataclass(eq=False)
-class _Slot:
-    label: str
-    handle: ray.actor.ActorHandle
-    state: str = "starting"  # starting | idle | busy
-    ready_ref: ray.ObjectRef | None = None
-    ready_failures: int = 0
-    recovering_since: float = 0.0
-    ping_at: float = 0.0  # when a restarting actor is next asked (ready_ref is None meanwhile)
-    crashes: int = 0
-    batch: _Batch | None = None
-    future: ray.ObjectRef | None = None
-    started_at: float = 0.0
-    draining: bool = False
-
-
 class RewardPool:
-    """N reward actors behind one `score` call. See the module docstring."""
+    """N reward actors behind one `score` call. See the module docstring.
+
+    The actors are an `ActorGroup`: a member is starting (its `ready` ping pending), idle, or busy
+    with one batch (the ObjectRef of its `score` call -> the batch)."""
 
     def __init__(
         self,
@@ -113,9 +100,12 @@ class RewardPool:
         if resources:  # custom node resources pin the actors to their node group (e.g. {"reward_gpu": 1})
             self._actor_options["resources"] = dict(resources)
         self._lock = threading.RLock()
-        self._slots: list[_Slot] = []
+        self.group = ActorGroup(
+            "reward-actor",
+            lambda label: _RemoteRewardActor.options(**self._actor_options).remote(self.specs, label),
+            lambda handle: handle.ready.remote(),
+        )
         self._queue: deque[_Batch] = deque()
-        self._labels = itertools.count()
         self._start_failures = 0
         self._last_start_error = ""
         self.metrics_store = PoolMetrics()
@@ -151,15 +141,7 @@ class RewardPool:
         if num_actors < 1:
             raise ValueError(f"a reward pool needs at least one actor, got {num_actors}")
         with self._lock:
-            active = [s for s in self._slots if not s.draining]
-            for _ in range(num_actors - len(active)):
-                self._slots.append(self._start_actor())
-            # Remove the cheapest first: starting, then idle, then busy (which drain).
-            order = {"starting": 0, "idle": 1, "busy": 2}
-            for slot in sorted(active, key=lambda s: order[s.state])[: max(0, len(active) - num_actors)]:
-                slot.draining = True
-                if slot.state != "busy":
-                    self._remove(slot)
+            self.group.resize(num_actors)  # starting, then idle actors go first; busy ones drain
             self.metrics_store.set_actors(self.num_actors)
             log.info("reward pool resized to %d actors", num_actors)
         if wait:
@@ -167,29 +149,28 @@ class RewardPool:
 
     def _settle(self) -> None:
         """Wait until no actor is starting or restarting."""
-        deadline = time.monotonic() + self.start_timeout_s
-        while self._any_starting():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reward actors not ready after {self.start_timeout_s}s: {self._last_start_error}")
-            self._poll(0.5)
+        self.group.settle(
+            self._poll, self.start_timeout_s, 0.5,
+            lambda: f"reward actors not ready after {self.start_timeout_s}s: {self._last_start_error}",
+            lock=self._lock,
+        )
 
     @property
     def num_actors(self) -> int:
         """Actors that take new batches (draining ones excluded)."""
         with self._lock:
-            return sum(not s.draining for s in self._slots)
+            return sum(not m.draining for m in self.group.members)
 
     def actor_handles(self) -> dict[str, ray.actor.ActorHandle]:
         """Handles of the actors taking new batches, by label."""
         with self._lock:
-            return {s.label: s.handle for s in self._slots if not s.draining}
+            return {m.name: m.handle for m in self.group.members if not m.draining}
 
     def actor_pids(self) -> dict[str, int]:
         """Ask every live actor for its process id (a real round trip to each), once none is
         starting or restarting."""
         self._settle()
-        with self._lock:
-            handles = {s.label: s.handle for s in self._slots if not s.draining}
+        handles = self.actor_handles()
         infos = ray.get([h.ready.remote() for h in handles.values()], timeout=self.start_timeout_s)
         return {label: info["pid"] for label, info in zip(handles, infos)}
 
@@ -199,8 +180,8 @@ class RewardPool:
 
     def shutdown(self) -> None:
         with self._lock:
-            for slot in list(self._slots):
-                self._remove(slot)
+            self.group.shutdown()
+            self.metrics_store.set_actors(0)
 
     # ---- scheduling ------------------------------------------------------------------------
     def _run(self, batches: list[tuple], prompts: Sequence[str]) -> list[RewardResult]:
@@ -221,93 +202,80 @@ class RewardPool:
     def _dispatch(self) -> None:
         with self._lock:
             for batch in list(self._queue):
-                slot = self._pick_slot(batch)
-                if slot is None:
+                member = self._pick_member(batch)
+                if member is None:
                     continue
                 self._queue.remove(batch)
                 batch.attempts += 1
-                slot.state, slot.batch, slot.started_at = "busy", batch, time.monotonic()
-                slot.future = slot.handle.score.remote(batch.videos_ref, batch.start, batch.stop, batch.prompts)
+                future = member.handle.score.remote(batch.videos_ref, batch.start, batch.stop, batch.prompts)
+                self.group.submit(member, future, batch)
                 self.metrics_store.add("batches")
 
-    def _pick_slot(self, batch: _Batch) -> _Slot | None:
-        live = [s for s in self._slots if not s.draining]
-        idle = [s for s in live if s.state == "idle"]
-        preferred = [s for s in idle if s.label not in batch.avoid]
+    def _pick_member(self, batch: _Batch) -> Member | None:
+        live = [m for m in self.group.members if not m.draining]
+        idle = [m for m in live if m.ready and not m.busy]
+        preferred = [m for m in idle if m.name not in batch.avoid]
         if preferred:
             return preferred[0]
         # Retry on the failed actor only when no other actor could take the batch.
-        if idle and all(s.label in batch.avoid for s in live):
+        if idle and all(m.name in batch.avoid for m in live):
             return idle[0]
         return None
 
     def _poll(self, timeout: float) -> None:
         """Wait up to `timeout` for a batch or a readiness ping to finish, and act on what did."""
         with self._lock:
-            now = time.monotonic()
-            for slot in self._slots:
-                if slot.state == "starting" and slot.ready_ref is None and now >= slot.ping_at:
-                    slot.ready_ref = slot.handle.ready.remote()
-            waiting = {s.future: s for s in self._slots if s.state == "busy"}
-            waiting.update({s.ready_ref: s for s in self._slots if s.state == "starting" and s.ready_ref is not None})
-            if self._queue and not self._slots:
+            waiting = self.group.waiting()
+            if self._queue and not self.group.members:
                 raise RuntimeError("reward pool has batches to score but no actor")
-        timeout = min(timeout, self._time_to_deadline())
-        ready = []
-        if waiting:
-            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=timeout)
-            if ready:
-                ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
-        else:
-            time.sleep(max(timeout, 0.005))
+            timeout = min(timeout, self._time_to_deadline())
+        ready = wait_any(list(waiting), timeout)  # without the lock: other requests go on meanwhile
         with self._lock:
             for ref in ready:
-                slot = waiting[ref]
-                if slot.state == "busy" and slot.future is ref:
-                    self._finish_batch(slot)
-                elif slot.state == "starting" and slot.ready_ref is ref:
-                    self._finish_start(slot)
+                member = waiting[ref]
+                if ref in member.busy:
+                    self._finish_batch(member, ref)
+                elif ref is member.probe:
+                    self._finish_start(member, ref)
             self._expire_timeouts()
 
     def _time_to_deadline(self) -> float:
-        with self._lock:
-            times = [s.started_at + self.timeout_s for s in self._slots if s.state == "busy"]
-            times += [s.ping_at for s in self._slots if s.state == "starting" and s.ready_ref is None]
-        return max(0.0, min(times) - time.monotonic()) if times else float("inf")
+        times = [m.last_work_at + self.timeout_s for m in self.group.members if m.busy]
+        to_batch = max(0.0, min(times) - time.monotonic()) if times else float("inf")
+        return min(to_batch, self.group.next_ping_in())
 
-    def _finish_batch(self, slot: _Slot) -> None:
-        batch, future = slot.batch, slot.future
-        slot.batch = slot.future = None
+    def _finish_batch(self, member: Member, future: ray.ObjectRef) -> None:
+        batch = member.busy.pop(future)
         try:
             results = ray.get(future)
             if len(results) != batch.stop - batch.start:
                 raise RuntimeError(f"actor returned {len(results)} results for {batch.stop - batch.start} videos")
         except RayActorError as exc:
             self.metrics_store.add("actor_failures")
-            log.warning("reward actor %s died while scoring a batch: %s", slot.label, _short(exc))
-            self._requeue(batch, slot.label, f"actor {slot.label} died: {_short(exc)}")
-            self._recover(slot)
+            log.warning("reward actor %s died while scoring a batch: %s", member.name, _short(exc))
+            self._requeue(batch, member.name, f"actor {member.name} died: {_short(exc)}")
+            self._recover(member)
             return
         except Exception as exc:  # the task failed but the actor lives (e.g. a lost video object)
-            log.warning("reward batch failed on %s: %s", slot.label, _short(exc))
-            self._requeue(batch, slot.label, f"{type(exc).__name__}: {_short(exc)}")
+            log.warning("reward batch failed on %s: %s", member.name, _short(exc))
+            self._requeue(batch, member.name, f"{type(exc).__name__}: {_short(exc)}")
         else:
             batch.job.results[batch.offset : batch.offset + len(results)] = results
             batch.job.remaining -= 1
-            self.metrics_store.observe("batch_latency_s", time.monotonic() - slot.started_at)
-        self._release(slot)
+            self.metrics_store.observe("batch_latency_s", time.monotonic() - member.last_work_at)
+        self._release(member)
 
     def _expire_timeouts(self) -> None:
         now = time.monotonic()
-        for slot in list(self._slots):
-            if slot.state == "busy" and now - slot.started_at > self.timeout_s:
+        for member in list(self.group.members):
+            if member.busy and now - member.last_work_at > self.timeout_s:
                 self.metrics_store.add("batch_timeouts")
-                log.warning("reward batch on %s exceeded %.1fs; killing the actor", slot.label, self.timeout_s)
-                batch = slot.batch
-                slot.batch = slot.future = None
-                ray.kill(slot.handle, no_restart=False)  # Ray restarts it while restarts remain
-                self._requeue(batch, slot.label, f"timed out after {self.timeout_s}s on {slot.label}")
-                self._recover(slot)
+                log.warning("reward batch on %s exceeded %.1fs; killing the actor", member.name, self.timeout_s)
+                (batch,) = member.busy.values()
+                member.busy.clear()
+                ray.kill(member.handle, no_restart=False)  # Ray restarts it while restarts remain
+                self._requeue(batch, member.name, f"timed out after {self.timeout_s}s on {member.name}")
+                self._recover(member)
 
     def _requeue(self, batch: _Batch, label: str, error: str) -> None:
         batch.avoid.add(label)
@@ -322,73 +290,59 @@ class RewardPool:
             self.metrics_store.add("batches_retried")
             self._queue.appendleft(batch)
 
-    def _release(self, slot: _Slot) -> None:
-        if slot.draining:
-            self._remove(slot)
-        else:
-            slot.state = "idle"
+    def _release(self, member: Member) -> None:
+        """A member that finished a batch (or started) is idle, or leaves if it drains."""
+        if member.draining:
+            self._remove(member)
 
-    def _recover(self, slot: _Slot) -> None:
+    def _recover(self, member: Member) -> None:
         """After a crash or kill: wait for Ray's restart, or replace the actor once restarts are spent."""
-        if slot.draining:
-            self._remove(slot)
+        if member.draining:
+            self._remove(member)
             return
-        slot.crashes += 1
-        if slot.crashes > self.max_restarts:
-            self._replace(slot)
+        member.crashes += 1
+        if member.crashes > self.max_restarts:
+            self._replace(member, f"it crashed {member.crashes} times (max_restarts={self.max_restarts})")
         else:
-            slot.state, slot.ready_failures, slot.recovering_since = "starting", 0, time.monotonic()
-            slot.ready_ref, slot.ping_at = None, time.monotonic() + _RESTART_POLL_S
+            member.probe_failures, member.started_at = 0, time.monotonic()
+            self.group.reprobe(member, delay_s=_RESTART_POLL_S)
 
-    def _finish_start(self, slot: _Slot) -> None:
+    def _finish_start(self, member: Member, ref: ray.ObjectRef) -> None:
         try:
-            info = ray.get(slot.ready_ref)
+            info = ray.get(ref)
         except Exception as exc:
-            if isinstance(exc, RayActorError) and exc.actor_init_failed:
-                self._remove(slot)
-                raise RuntimeError(f"reward actor {slot.label} could not build its rewards: {_short(exc)}") from exc
-            self._last_start_error = _short(exc)
-            slot.ready_ref = None
-            restarting = isinstance(exc, ActorUnavailableError)
-            waited = time.monotonic() - (slot.recovering_since or time.monotonic())
-            if restarting and waited < self.start_timeout_s:
-                slot.ping_at = time.monotonic() + _RESTART_POLL_S  # Ray is restarting it: ask again soon
-                return
-            slot.ready_failures += 1
-            if not isinstance(exc, ActorDiedError) and slot.ready_failures < _READY_RETRIES:
-                slot.ping_at = time.monotonic() + _RESTART_POLL_S
-                return
-            self._start_failures += 1
-            if self._start_failures > _READY_RETRIES * max(1, len(self._slots)):
-                raise RuntimeError(f"reward actors keep failing to start: {self._last_start_error}") from exc
-            self._replace(slot)
+            self._start_failed(member, exc)
             return
         self._start_failures = 0
         self.heads = tuple(info["heads"])
-        slot.ready_ref = None
-        self._release(slot)
+        self.group.mark_ready(member, info)
+        self._release(member)
 
-    def _replace(self, slot: _Slot) -> None:
-        log.warning("replacing reward actor %s", slot.label)
-        ray.kill(slot.handle, no_restart=True)
-        fresh = self._start_actor()
-        self._slots[self._slots.index(slot)] = fresh
+    def _start_failed(self, member: Member, exc: Exception) -> None:
+        """A readiness ping failed: ask again (Ray may be restarting it), or replace the actor."""
+        if isinstance(exc, RayActorError) and exc.actor_init_failed:
+            self._remove(member)
+            raise RuntimeError(f"reward actor {member.name} could not build its rewards: {_short(exc)}") from exc
+        self._last_start_error = _short(exc)
+        self.group.reprobe(member, delay_s=_RESTART_POLL_S)  # unless replaced below: ask again soon
+        restarting = isinstance(exc, ActorUnavailableError)
+        if restarting and time.monotonic() - member.started_at < self.start_timeout_s:
+            return  # Ray is restarting it
+        member.probe_failures += 1
+        if not isinstance(exc, ActorDiedError) and member.probe_failures < _READY_RETRIES:
+            return
+        self._start_failures += 1
+        if self._start_failures > _READY_RETRIES * max(1, len(self.group.members)):
+            raise RuntimeError(f"reward actors keep failing to start: {self._last_start_error}") from exc
+        self._replace(member, f"it did not answer its readiness ping: {self._last_start_error}")
+
+    def _replace(self, member: Member, why: str) -> None:
+        self.group.replace(member, why)
         self.metrics_store.add("actors_replaced")
 
-    def _start_actor(self) -> _Slot:
-        label = f"reward-actor-{next(self._labels)}"
-        handle = _RemoteRewardActor.options(**self._actor_options).remote(self.specs, label)
-        return _Slot(label=label, handle=handle, ready_ref=handle.ready.remote(), recovering_since=time.monotonic())
-
-    def _remove(self, slot: _Slot) -> None:
-        ray.kill(slot.handle, no_restart=True)
-        if slot in self._slots:
-            self._slots.remove(slot)
+    def _remove(self, member: Member) -> None:
+        self.group.remove(member)
         self.metrics_store.set_actors(self.num_actors)
-
-    def _any_starting(self) -> bool:
-        with self._lock:
-            return any(s.state == "starting" for s in self._slots)
 
 
 def _as_spec(reward: RewardSpec | str | tuple[str, dict]) -> RewardSpec:
