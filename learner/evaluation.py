@@ -19,6 +19,13 @@ from reward_service.multi_reward import combine
 from reward_service.scoring import score_isolated
 
 OOD_METRICS = ("pocket_fvd",)
+# The metrics.jsonl key of each out-of-domain metric (after "eval_"), as the docs name it.
+OOD_ROW_KEYS = {"pocket_fvd": "fvd_p"}
+
+
+def ood_metric_for_preset(preset: str) -> str | None:
+    """The out-of-domain metric a run of `preset` reports beside its rewards (None: none defined)."""
+    return "pocket_fvd" if preset == "pocket" else None
 
 
 @dataclass

@@ -31,14 +31,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 from learner.config import Config, ConfigError, dump_config, load_config
+from learner.evaluation import OOD_ROW_KEYS, ood_metric, ood_metric_for_preset
 from learner.run_log import MetricsLog, plot_reward_curves
 from learner.system import LearnerRestored, System
 from learner.task_sampler import TaskSampler, eval_set, load_prompts
 from policy.presets import get_preset
+from policy.video_compare import comparison_sheet
 from policy.video_io import contact_sheet
 from reward_service.multi_reward import combine
 
 log = logging.getLogger("learner")
+SHEET_ROWS = 6  # held-out samples on each contact sheet
+BASE_VS_FINAL = "samples_base_vs_final.png"  # the run's first picture: base and trained samples side by side
 
 
 def train(
@@ -75,7 +79,8 @@ def train(
         if alg.mode != "on_policy":
             buffer = system.fill_reference_buffer(sampler.reference_tasks(config.replay.buffer_groups))
             log.info("reference buffer: %s", buffer)
-        baseline = None if resume else evaluate(system, config, eval_prompts, eval_seeds, output, tag="base")
+        samples: dict = {}  # contact-sheet frames and results per evaluation tag
+        baseline = None if resume else evaluate(system, config, eval_prompts, eval_seeds, output, tag="base", samples=samples)
 
         progress = tqdm(desc=f"{alg.objective}/{alg.mode}", initial=start, total=run.iterations)
         iteration = start
@@ -97,7 +102,7 @@ def train(
                 if (run.eval_every and (iteration + 1) % run.eval_every == 0) or last:
                     if alg.mode != "on_policy":
                         system.broadcast()
-                    row.update(evaluate(system, config, eval_prompts, eval_seeds, output, tag=f"iter_{iteration + 1:06d}"))
+                    row.update(evaluate(system, config, eval_prompts, eval_seeds, output, tag=f"iter_{iteration + 1:06d}", samples=samples))
                 if baseline is not None and iteration == start:
                     row.update({f"base_{k}": v for k, v in baseline.items()})
                 metrics_log.append(row)
@@ -125,6 +130,7 @@ def train(
         rows = metrics_log.read()
         if rows:
             plot_reward_curves(rows, output / "reward_curve.png", title=f"{alg.objective} {alg.mode} ({config.policy.preset})")
+        write_base_vs_final(samples, output / BASE_VS_FINAL, list(config.reward.weights))
         return rows
     finally:
         system.shutdown()
@@ -157,18 +163,39 @@ def iteration_row(config: Config, iteration: int, stats: dict, summaries: list, 
     return row
 
 
-def evaluate(system: System, config: Config, prompts: list[str], seeds: list[int], output: Path, tag: str) -> dict:
-    """Mean held-out reward (per head and combined) of the current policy; writes a contact sheet."""
-    results, frames = system.evaluate(prompts, seeds, keep_frames=min(6, len(prompts)))
+def evaluate(system: System, config: Config, prompts: list[str], seeds: list[int], output: Path, tag: str,
+             samples: dict | None = None) -> dict:
+    """Mean held-out reward (per head and combined) of the current policy and, where the preset has
+    one, the out-of-domain metric (`eval_fvd_p` for the pocket world: reward hacking shows as it
+    rises); writes a contact sheet. `samples[tag]` gets the sheet's frames and results."""
+    ood = ood_metric_for_preset(config.policy.preset)
+    shown = min(SHEET_ROWS, len(prompts))
+    results, frames = system.evaluate(prompts, seeds, keep_frames=len(prompts) if ood else shown)
     weights = config.reward.weights
     valid = [r for r in results if r.valid]
     out = {f"eval_reward_{h}": _mean([r.rewards[h] for r in valid]) for h in weights}
     out["eval_reward_mean"] = _mean([float(combine({h: [r.rewards[h]] for h in weights}, weights)[0]) for r in valid])
     out["eval_invalid"] = len(results) - len(valid)
+    if ood is not None:
+        out[f"eval_{OOD_ROW_KEYS[ood]}"] = ood_metric(ood, frames, prompts)
     if frames:
-        labels = [f"{r.prompt} (seed {r.seed})" for r in results[: len(frames)]]
-        contact_sheet(frames, labels, output / "samples" / f"{tag}.png")
+        labels = [f"{r.prompt} (seed {r.seed})" for r in results[:shown]]
+        contact_sheet(frames[:shown], labels, output / "samples" / f"{tag}.png")
+        if samples is not None:
+            samples[tag] = (frames[:shown], results[:shown])
     return out
+
+
+def write_base_vs_final(samples: dict, path: Path, heads: list[str]) -> Path | None:
+    """The base policy's and the last evaluation's samples side by side (same prompts and seeds),
+    each with its scores; None when the run has not both (a resumed run has no base)."""
+    finals = sorted(t for t in samples if t.startswith("iter_"))
+    if "base" not in samples or not finals:
+        return None
+    (before, before_res), (after, after_res) = samples["base"], samples[finals[-1]]
+    labels = [f"{r.prompt} (seed {r.seed})" for r in before_res]
+    return comparison_sheet(before, after, labels, [r.rewards for r in before_res], [r.rewards for r in after_res], path,
+                            titles=("base", f"iteration {int(finals[-1][len('iter_'):])}"), heads=heads)
 
 
 def _mean(values: list[float]) -> float:

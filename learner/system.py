@@ -195,15 +195,17 @@ class System:
 
     def evaluate(self, prompts: list[str], seeds: list[int], keep_frames: int = 0) -> tuple[list[EvalResult], list]:
         """Held-out scores of the current policy, the (prompt, seed) pairs spread over the workers; a
-        part whose worker died is evaluated again once the fleet is ready."""
-        results, frames = [None] * len(prompts), []
+        part whose worker died is evaluated again once the fleet is ready. Returns the results in the
+        pairs' order and the decoded frames of the first `keep_frames` pairs, in the same order."""
+        results, frames = [None] * len(prompts), {}
         todo = list(range(len(prompts)))
         for attempt in range(self.fleet.max_attempts):
             self.fleet.wait_ready()
             handles = self.fleet.handles()
             parts = [todo[i :: len(handles)] for i in range(len(handles))]
+            # A part is in ascending order, so the pairs below keep_frames are its first ones.
             calls = [(part, h.evaluate.remote([prompts[j] for j in part], [seeds[j] for j in part],
-                                              keep_frames if part[0] == 0 else 0))
+                                              sum(j < keep_frames for j in part)))
                      for h, part in zip(handles, parts) if part]
             todo = []
             for part, future in calls:
@@ -214,9 +216,9 @@ class System:
                     continue
                 for j, r in zip(part, res):
                     results[j] = r
-                frames.extend(fr)
+                frames.update(zip(part, fr))
             if not todo:
-                return results, frames
+                return results, [frames[j] for j in sorted(frames)]
         raise RuntimeError(f"evaluation of {len(todo)} held-out videos failed {self.fleet.max_attempts} times")
 
     def fill_reference_buffer(self, tasks: list[RolloutTask]) -> dict:

@@ -44,6 +44,9 @@ def test_on_policy_runs_writes_its_outputs_and_resumes(ray_local, tmp_path, untr
     assert rows[-1]["groups"] == 2 and "eval_reward_mean" in rows[-1]
     assert (out / "reward_curve.png").stat().st_size > 5000
     assert (out / "samples" / "base.png").is_file()
+    # the out-of-domain metric beside the held-out rewards, so reward hacking shows in every run
+    assert rows[0]["base_eval_fvd_p"] > 0 and rows[-1]["eval_fvd_p"] > 0
+    assert (out / "samples_base_vs_final.png").stat().st_size > 5000
     saved = _adapter(out / "checkpoints" / "iter_000002")
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k), "training left the LoRA B at zero"
     state = json.loads((out / "checkpoints" / "iter_000002" / "state.json").read_text())
