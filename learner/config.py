@@ -51,11 +51,6 @@ class AlgorithmSettings(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     clip_eps: float | None = Field(1e-4, gt=0)
-    # AR-CoPO: how many of the pivot chunk's denoising steps, from the first, the loss averages over;
-    # None: all of them (the paper's). With a near-deterministic sampler the later steps refine the
-    # content their input already holds (docs/pocket.md), so pulling their x0 towards other branches'
-    # content teaches them to ignore their input.
-    copo_loss_steps: int | None = Field(None, ge=1)
     # Temperature of the distance softmax; "auto" uses the median off-anchor distance of each group.
     tau: float | Literal["auto"] = "auto"
     max_policy_lag: int = Field(1, ge=0)

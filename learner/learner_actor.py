@@ -142,7 +142,7 @@ class Learner:
         valid = torch.nonzero(group.reward_valid).flatten()
         if alg.objective == "copo":
             pick = sample_anchors(len(valid), min(alg.anchors_per_group, len(valid)), self.anchor_rng)
-            return copo_group_loss(self.policy, group, adv, valid[pick], alg.tau, alg.effective_clip_eps, alg.copo_loss_steps)
+            return copo_group_loss(self.policy, group, adv, valid[pick], alg.tau, alg.effective_clip_eps)
         if alg.objective == "sde_grpo":
             if group.exploration != "renoise":
                 raise ValueError(f"group {group.group_id} forks the initial noise; SDE-GRPO needs re-noise forks")

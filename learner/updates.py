@@ -51,14 +51,10 @@ def copo_group_loss(
     anchors: torch.Tensor,
     tau: float | str,
     clip_eps: float | None,
-    steps: int | None = None,
 ) -> GroupLoss:
     """AR-CoPO on one group: the anchors' replayed x0 against every candidate's old x0, averaged over
-    the pivot chunk's first `steps` denoising steps (None: all T; all B x steps replays in one batched
-    forward)."""
-    if steps is not None and not 1 <= steps:
-        raise ValueError(f"steps must be at least 1 (or None for all), got {steps}")
-    T = group.num_steps if steps is None else min(steps, group.num_steps)
+    the pivot chunk's T denoising steps (all B x T replays in one batched forward)."""
+    T = group.num_steps
     x0_theta = _replay_steps(policy, group, anchors, range(T)).float()  # [B, T, ...]
     x0_old = group.pivot_x0.to(x0_theta.device).float()  # [G, T, ...]
     adv = advantages.to(x0_theta.device)[None].expand(len(anchors), -1)
