@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from learner.config import Config, ConfigError, check_reward_settings, dump_config, load_config
 from controller.run_dir import ResumeError, adopt, find_resume_point, refuse_earlier_run, write_config_records
+from controller.evaluation import OOD_ROW_KEYS, ood_metric, ood_metric_for_preset, write_base_vs_final
 from controller.run_log import MetricsLog, RedactingFilter, plot_reward_curves
 from controller.system import LearnerRestored, System
 from controller.task_sampler import TaskSampler, eval_set, load_prompts
@@ -43,6 +44,8 @@ from reward_service.multi_reward import combine
 
 log = logging.getLogger("learner")
 WAN_FPS = 16.0  # Wan2.1's videos play at 16 frames a second
+SHEET_ROWS = 6  # held-out samples on each contact sheet
+BASE_VS_FINAL = "samples_base_vs_final.png"  # the run's first picture: base and trained samples side by side
 
 
 def train(
@@ -98,7 +101,8 @@ def train(
         if alg.mode != "on_policy":
             buffer = system.fill_reference_buffer(sampler.reference_tasks(config.replay.buffer_groups))
             log.info("reference buffer: %s", buffer)
-        baseline, base_media = (None, []) if resume else evaluate(system, config, eval_prompts, eval_seeds, output, tag="base")
+        samples: dict = {}  # contact-sheet frames and results per evaluation tag
+        baseline, base_media = (None, []) if resume else evaluate(system, config, eval_prompts, eval_seeds, output, tag="base", samples=samples)
 
         progress = tqdm(desc=f"{alg.objective}/{alg.mode}", initial=start, total=run.iterations)
         iteration = start
@@ -121,7 +125,7 @@ def train(
                 if (run.eval_every and (iteration + 1) % run.eval_every == 0) or last:
                     if alg.mode != "on_policy":
                         system.broadcast()
-                    scores, samples = evaluate(system, config, eval_prompts, eval_seeds, output, tag=f"iter_{iteration + 1:06d}")
+                    scores, samples = evaluate(system, config, eval_prompts, eval_seeds, output, tag=f"iter_{iteration + 1:06d}", samples=samples)
                     row.update(scores)
                     media = media + samples
                 if baseline is not None and iteration == start:
@@ -152,6 +156,7 @@ def train(
         if rows:
             curve = plot_reward_curves(rows, output / "reward_curve.png", title=f"{alg.objective} {alg.mode} ({config.policy.preset})")
             trackers.log_media([Media("image", "reward_curve", curve)], step=rows[-1]["iteration"])
+        write_base_vs_final(samples, output / BASE_VS_FINAL, list(config.reward.weights))
         return rows
     finally:
         trackers.close()
@@ -189,21 +194,29 @@ def iteration_row(config: Config, iteration: int, stats: dict, summaries: list, 
 
 
 def evaluate(system: System, config: Config, prompts: list[str], seeds: list[int], output: Path,
-             tag: str) -> tuple[dict, list[Media]]:
-    """Mean held-out reward (per head and combined) of the current policy; writes a contact sheet and
-    a grid MP4 of the first samples, and returns the MP4 for the trackers."""
-    results, frames = system.evaluate(prompts, seeds, keep_frames=min(6, len(prompts)))
+             tag: str, samples: dict | None = None) -> tuple[dict, list[Media]]:
+    """Mean held-out reward (per head and combined) of the current policy and, where the preset has
+    one, the out-of-domain metric (`eval_fvd_p` for the pocket world: reward hacking shows as it
+    rises); writes a contact sheet and a grid MP4 of the first samples, and returns the MP4 for the
+    trackers. `samples[tag]` gets the sheet's frames and results (for the base-vs-final sheet)."""
+    ood = ood_metric_for_preset(config.policy.preset)
+    shown = min(SHEET_ROWS, len(prompts))
+    results, frames = system.evaluate(prompts, seeds, keep_frames=len(prompts) if ood else shown)
     weights = config.reward.weights
     valid = [r for r in results if r.valid]
     out = {f"eval_reward_{h}": _mean([r.rewards[h] for r in valid]) for h in weights}
     out["eval_reward_mean"] = _mean([float(combine({h: [r.rewards[h]] for h in weights}, weights)[0]) for r in valid])
     out["eval_invalid"] = len(results) - len(valid)
+    if ood is not None:
+        out[f"eval_{OOD_ROW_KEYS[ood]}"] = ood_metric(ood, frames, prompts)
     media = []
     if frames:
-        labels = [f"{r.prompt} (seed {r.seed})" for r in results[: len(frames)]]
-        contact_sheet(frames, labels, output / "samples" / f"{tag}.png")
+        labels = [f"{r.prompt} (seed {r.seed})" for r in results[:shown]]
+        contact_sheet(frames[:shown], labels, output / "samples" / f"{tag}.png")
         fps = POCKET_FPS if config.policy.preset == "pocket" else WAN_FPS
-        media.append(Media("video", "heldout_samples", grid_video(frames, labels, output / "samples" / f"{tag}.mp4", fps), fps))
+        media.append(Media("video", "heldout_samples", grid_video(frames[:shown], labels, output / "samples" / f"{tag}.mp4", fps), fps))
+        if samples is not None:
+            samples[tag] = (frames[:shown], results[:shown])
     return out, media
 
 

@@ -9,16 +9,25 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from policy.pipeline import StreamingVideoPolicy
+from policy.video_compare import comparison_sheet
 from policy.pocket.generation import generate_videos
 from reward_service.base import RewardModel, Video
 from reward_service.multi_reward import combine
 from reward_service.scoring import score_isolated
 
 OOD_METRICS = ("pocket_fvd",)
+# The metrics.jsonl key of each out-of-domain metric (after "eval_"), as the docs name it.
+OOD_ROW_KEYS = {"pocket_fvd": "fvd_p"}
+
+
+def ood_metric_for_preset(preset: str) -> str | None:
+    """The out-of-domain metric a run of `preset` reports beside its rewards (None: none defined)."""
+    return "pocket_fvd" if preset == "pocket" else None
 
 
 @dataclass
@@ -64,3 +73,15 @@ def evaluate_policy(
     means = {h: float(np.mean([r.scores[h] for r in valid])) if valid else math.nan for h in weights}
     combined = float(combine({h: [means[h]] for h in weights}, weights)[0])
     return EvalSummary(means, combined, ood_metric(ood, videos, list(prompts)), len(results) - len(valid), videos)
+
+
+def write_base_vs_final(samples: dict, path: Path, heads: list[str]) -> Path | None:
+    """The base policy's and the last evaluation's samples side by side (same prompts and seeds),
+    each with its scores; None when the run has not both (a resumed run has no base)."""
+    finals = sorted(t for t in samples if t.startswith("iter_"))
+    if "base" not in samples or not finals:
+        return None
+    (before, before_res), (after, after_res) = samples["base"], samples[finals[-1]]
+    labels = [f"{r.prompt} (seed {r.seed})" for r in before_res]
+    return comparison_sheet(before, after, labels, [r.rewards for r in before_res], [r.rewards for r in after_res], path,
+                            titles=("base", f"iteration {int(finals[-1][len('iter_'):])}"), heads=heads)

@@ -140,6 +140,7 @@ def plot_reward_curves(rows: list[dict[str, Any]], out_png: Path, title: str = "
         ax_eval.plot(x, y, "o-", label=label, **style)
     if heldout:
         ax_eval.legend(fontsize=8)
+    _plot_ood(ax_eval, rows)
     ax_eval.set_title("held-out reward")
     ax_eval.set_xlabel("iterations done (0: base model)")
     if title:
@@ -150,3 +151,18 @@ def plot_reward_curves(rows: list[dict[str, Any]], out_png: Path, title: str = "
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def _plot_ood(ax, rows: list[dict[str, Any]], key: str = "eval_fvd_p") -> None:
+    """The out-of-domain metric on a right-hand axis of the held-out panel, the base's value at 0 and
+    each evaluation at the iterations done, as the rewards beside it: a reward that rises while it
+    rises is reward hacking."""
+    points = [(0, r[f"base_{key}"]) for r in rows[:1] if r.get(f"base_{key}") is not None]
+    points += [(r["iteration"] + 1, r[key]) for r in rows if r.get(key) is not None]
+    if not points:
+        return
+    right = ax.twinx()
+    right.plot([p[0] for p in points], [p[1] for p in points], "s--", color="tab:red", alpha=0.7, label=f"{key} (right, lower is better)")
+    right.set_ylabel(key, color="tab:red")
+    right.tick_params(axis="y", labelcolor="tab:red")
+    right.legend(fontsize=8, loc="lower right")

@@ -44,9 +44,21 @@ class TaskSampler:
         self.prompts = prompts
         self.num_chunks = num_chunks
         self.run_tag = run_tag
+        weights = config.algorithm.pivot_weights
+        if weights is not None and len(weights) != num_chunks:
+            raise ValueError(
+                f"algorithm.pivot_weights has {len(weights)} entries but the policy has {num_chunks} chunks (one weight per chunk)"
+            )
+        self.pivot_probs = None if weights is None else np.asarray(weights, dtype=np.float64) / float(sum(weights))
+
+    def _pivot(self, rng: np.random.Generator) -> int:
+        if self.pivot_probs is None:
+            return int(rng.integers(self.num_chunks))  # the paper's p ~ U(1..L)
+        return int(rng.choice(self.num_chunks, p=self.pivot_probs))
 
     def tasks(self, iteration: int, count: int, kind: str = "it") -> list[RolloutTask]:
-        """`count` tasks for `iteration`; pivot ~ Uniform over the L chunks (the paper's p ~ U(1..L))."""
+        """`count` tasks for `iteration`; pivot ~ `algorithm.pivot_weights` over the L chunks, uniform
+        (the paper's p ~ U(1..L)) when those are not set."""
         alg = self.config.algorithm
         rng = np.random.default_rng([self.config.run.seed, iteration, 0 if kind == "it" else 1])
         exploration = "renoise" if alg.objective == "sde_grpo" else "initial_noise"
@@ -57,7 +69,7 @@ class TaskSampler:
                     group_id=f"{self.run_tag}-{kind}{iteration:06d}-{k:04d}",
                     prompt=self.prompts[int(rng.integers(len(self.prompts)))],
                     noise_seed=int(rng.integers(2**62)),
-                    pivot=int(rng.integers(self.num_chunks)),
+                    pivot=self._pivot(rng),
                     group_size=alg.group_size,
                     sigma=alg.perturbation_sigma,
                     exploration=exploration,

@@ -78,6 +78,9 @@ class AlgorithmSettings(_Section):
     # Temperature of the distance softmax; "auto" uses the median off-anchor distance of each group.
     tau: Real | Literal["auto"] = "auto"
     max_policy_lag: Int = Field(1, ge=0)
+    # Relative weight of each chunk as the pivot (one per chunk of the preset); None: uniform, the
+    # paper's p ~ U(1..L). See docs/pocket.md for why the pocket default weighs early chunks more.
+    pivot_weights: list[Real] | None = None
     adapter_name: str | None = None  # default: the mode's name
     # SDE-GRPO: stochasticity of the intermediate steps (1.0 = the sampler's own re-noise).
     sde_eta: Real = Field(1.0, gt=0, le=1.0)
@@ -97,6 +100,12 @@ class AlgorithmSettings(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "AlgorithmSettings":
+        if self.pivot_weights is not None and (
+            not self.pivot_weights or any(w < 0 for w in self.pivot_weights) or not sum(self.pivot_weights) > 0
+        ):
+            raise ValueError(
+                f"algorithm.pivot_weights must be non-negative with a positive sum (one per chunk), got {self.pivot_weights}"
+            )
         if self.anchors_per_group > self.group_size:
             raise ValueError(
                 f"algorithm.anchors_per_group ({self.anchors_per_group}) must not exceed "

@@ -32,6 +32,14 @@ def _upscaled(frames: np.ndarray, factor: int) -> np.ndarray:
     return frames
 
 
+def filmstrip(frames: np.ndarray, frames_per_row: int = 8, upscale: int = 2) -> np.ndarray:
+    """`frames_per_row` evenly spaced frames of a video side by side, each followed by a 2-pixel white gap."""
+    frames = _upscaled(np.asarray(frames), upscale)
+    pick = np.linspace(0, len(frames) - 1, min(frames_per_row, len(frames))).round().astype(int)
+    gap = np.full((frames.shape[1], 2, 3), 255, np.uint8)
+    return np.concatenate([np.concatenate([frames[i], gap], axis=1) for i in pick], axis=1)
+
+
 def contact_sheet(
     videos: list[np.ndarray], labels: list[str], path: str | Path, frames_per_row: int = 8, upscale: int = 2
 ) -> Path:
@@ -45,12 +53,7 @@ def contact_sheet(
         raise ValueError(f"{len(videos)} videos but {len(labels)} labels")
     if not videos:
         raise ValueError("no video to put on a contact sheet")
-    rows = []
-    for frames in videos:
-        frames = _upscaled(np.asarray(frames), upscale)
-        pick = np.linspace(0, len(frames) - 1, min(frames_per_row, len(frames))).round().astype(int)
-        gap = np.full((frames.shape[1], 2, 3), 255, np.uint8)
-        rows.append(np.concatenate([np.concatenate([frames[i], gap], axis=1) for i in pick], axis=1))
+    rows = [filmstrip(frames, frames_per_row, upscale) for frames in videos]
     width = max(r.shape[1] for r in rows)
     fig_w = max(4.0, width / 60)
     fig, axes = plt.subplots(len(rows), 1, figsize=(fig_w, 1.0 + 1.3 * len(rows) * rows[0].shape[0] / 60), squeeze=False)

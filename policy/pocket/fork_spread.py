@@ -38,8 +38,13 @@ def fork_spread(
     group_size: int = 8,
     sigma: float = 0.5,
     seed: int = 0,
+    pivot: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{exploration: {head: mean within-group std}} plus a "sum" head (the equally weighted total)."""
+    """{exploration: {head: mean within-group std}} plus a "sum" head (the equally weighted total).
+
+    `pivot`: fork every group at this chunk (None: a uniformly drawn chunk per group)."""
+    if pivot is not None and not 0 <= pivot < policy.num_chunks:
+        raise ValueError(f"pivot {pivot} outside the policy's {policy.num_chunks} chunks")
     heads = tuple(reward.heads)
     score = lambda videos, texts: score_isolated([reward], videos, texts)  # noqa: E731
     out = {}
@@ -49,7 +54,7 @@ def fork_spread(
         for k in range(groups):
             task = RolloutTask(
                 group_id=f"spread-{k}", prompt=prompts[int(rng.integers(len(prompts)))], noise_seed=int(rng.integers(2**62)),
-                pivot=int(rng.integers(policy.num_chunks)), group_size=group_size, sigma=sigma, exploration=exploration,
+                pivot=int(rng.integers(policy.num_chunks)) if pivot is None else pivot, group_size=group_size, sigma=sigma, exploration=exploration,
                 adapter_name="spread",
             )
             group = produce_group(policy, task, 0, score, heads).group
@@ -69,16 +74,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--groups", type=int, default=24)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--sigma", type=float, default=0.5)
+    parser.add_argument("--per-pivot", action="store_true", help="one row per pivot chunk (--groups groups at each)")
     args = parser.parse_args(argv)
     policy = load_pocket_policy(args.weights) if args.weights else load_pocket_policy()
-    spread = fork_spread(policy, build_reward("pocket"), domain.train_prompts(), args.groups, args.group_size, args.sigma)
-    heads = list(next(iter(spread.values())))
-    print(f"Mean within-group reward std, {args.groups} groups of G = {args.group_size}, training prompts, pivot ~ U(chunks)\n")
-    print("| fork | " + " | ".join(heads) + " |")
-    print("|---|" + "---|" * len(heads))
+    pivots = list(range(policy.num_chunks)) if args.per_pivot else [None]
     labels = {"initial_noise": f"initial noise (AR-CoPO, s = {args.sigma:g})", "renoise": "re-noise (SDE-GRPO)"}
-    for exploration, row in spread.items():
-        print(f"| {labels[exploration]} | " + " | ".join(f"{row[h]:.4f}" for h in heads) + " |")
+    where = "pivot fixed per row" if args.per_pivot else "pivot ~ U(chunks)"
+    print(f"Mean within-group reward std, {args.groups} groups of G = {args.group_size}, training prompts, {where}\n")
+    for pivot in pivots:
+        spread = fork_spread(policy, build_reward("pocket"), domain.train_prompts(), args.groups, args.group_size,
+                             args.sigma, pivot=pivot)
+        heads = list(next(iter(spread.values())))
+        if pivot in (None, 0):
+            print("| pivot | fork | " + " | ".join(heads) + " |")
+            print("|---|---|" + "---|" * len(heads))
+        for exploration, row in spread.items():
+            print(f"| {'U' if pivot is None else pivot} | {labels[exploration]} | " + " | ".join(f"{row[h]:.4f}" for h in heads) + " |")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,9 @@ def test_on_policy_runs_writes_its_outputs_and_resumes(ray_local, tmp_path, untr
         logged = [(r["iteration"], r[key]) for r in rows if r.get(key) is not None]
         assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(key)] == logged, key
     assert [e.step for e in events.Images("heldout_samples")] == [0, 1] and [e.step for e in events.Images("reward_curve")] == [1]
+    # the out-of-domain metric beside the held-out rewards, so reward hacking shows in every run
+    assert rows[0]["base_eval_fvd_p"] > 0 and rows[-1]["eval_fvd_p"] > 0
+    assert (out / "samples_base_vs_final.png").stat().st_size > 5000
     saved = _adapter(out / "checkpoints" / "iter_000002")
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k), "training left the LoRA B at zero"
     state = json.loads((out / "checkpoints" / "iter_000002" / "state.json").read_text())

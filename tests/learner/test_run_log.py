@@ -97,3 +97,28 @@ def test_passwords_in_urls_are_redacted_in_log_lines_and_metrics(tmp_path):
     log = MetricsLog(tmp_path / "metrics.jsonl")
     log.append(_row(0, store="redis://:hunter2@h:1/0"))
     assert "hunter2" not in log.path.read_text() and log.read()[0]["store"] == "redis://:***@h:1/0"
+
+
+def test_the_out_of_domain_metric_is_drawn_beside_the_held_out_reward():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from controller.run_log import _plot_ood
+
+    rows = [_row(0, base_eval_fvd_p=100.0)] + [_row(i) for i in range(1, 4)]
+    rows[1].update(eval_fvd_p=110.0)
+    rows[3].update(eval_fvd_p=130.0)
+    fig, ax = plt.subplots()
+    _plot_ood(ax, rows)
+    twins = [a for a in fig.axes if a is not ax]
+    assert len(twins) == 1  # a right-hand axis: FVD-p's scale is not the rewards'
+    (line,) = twins[0].get_lines()
+    # the base at 0, then each evaluation after the iterations it followed (rows 1 and 3: 2 and 4 updates)
+    assert list(line.get_xdata()) == [0, 2, 4] and list(line.get_ydata()) == [100.0, 110.0, 130.0]
+    fig2, ax2 = plt.subplots()
+    _plot_ood(ax2, [_row(0), _row(1)])
+    assert fig2.axes == [ax2]  # nothing to draw, no axis added
+    plt.close(fig)
+    plt.close(fig2)
