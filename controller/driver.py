@@ -125,9 +125,9 @@ def train(
                 if (run.eval_every and (iteration + 1) % run.eval_every == 0) or last:
                     if alg.mode != "on_policy":
                         system.broadcast()
-                    scores, samples = evaluate(system, config, eval_prompts, eval_seeds, output, tag=f"iter_{iteration + 1:06d}", samples=samples)
+                    scores, eval_media = evaluate(system, config, eval_prompts, eval_seeds, output, tag=f"iter_{iteration + 1:06d}", samples=samples)
                     row.update(scores)
-                    media = media + samples
+                    media = media + eval_media
                 if baseline is not None and iteration == start:
                     row.update({f"base_{k}": v for k, v in baseline.items()})
                 trackers.log_iteration(row, media)  # metrics.jsonl, TensorBoard, MLflow, W&B
