@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
-from learner.config import Config
+from controller.config import Config
 from replay import ReplayUnavailableError, StoreLostError, open_store
 from rollout_workers.tasks import GroupSummary, RolloutTask
 from rollout_workers.worker import RolloutWorker
@@ -107,7 +107,7 @@ class RolloutFleet:
         name = f"rollout-{next(self._names)}"
         torch_threads = max(1, int(self.config.rollout.num_cpus_per_worker))
         handle = self._remote.remote(
-            self.config.model_dump(mode="json"), name, self.reward_server, self.store_url, self.adapter_source,
+            self.config.worker_settings().model_dump(mode="json"), name, self.reward_server, self.store_url, self.adapter_source,
             torch_threads, **self.worker_kwargs,
         )
         return _Member(name, handle, probe=handle.info.remote())
