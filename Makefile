@@ -1,6 +1,6 @@
 # Two entry points do all set-up on a fresh machine:
 #   make run   - runs the main job (AR-CoPO on the pocket default) into runs/pocket
-#   make test  - runs the test suite
+#   make test  - checks the import layers (lint-imports), then runs the test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -20,6 +20,7 @@ run: $(STAMP)
 	$(PY) -m learner.main --output runs/pocket $(ARGS)
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports || { echo 'make test: lint-imports found an import that breaks the layers (pyproject.toml [tool.importlinter], docs/ARCHITECTURE.md)' >&2; exit 1; }
 	$(PY) -m pytest $(ARGS)
 
 bench: $(STAMP)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
 from benchmarks.tensor_memory import GIB, TensorMemory, flash_attention_on_meta
-from learner.config import Config, LoraSettings, load_config
-from learner.policy_factory import DTYPES
+from controller.config import Config, load_config
+from policy.factory import DTYPES
 from policy.lora import DEFAULT_TARGETS, attach_adapter
 from policy.lora_precision import keep_adapter_in_float32
 from policy.noise_plan import NoisePlan
@@ -33,6 +33,7 @@ from policy.pipeline import StreamingVideoPolicy
 from policy.pivot_replay import rebuild_prefix_cache, replay_pivot_chunk
 from policy.presets import PolicyPreset, get_preset
 from policy.rollout import rollout_group
+from policy.settings import LoraSettings
 from policy.text_encoder import WAN_TEXT_LENGTH
 from policy.transformer_causal_wan import CausalWanTransformer3DModel
 

@@ -25,8 +25,8 @@ import redis
 import torch
 
 import replay
-from learner.config import Config
 from learner.group_validation import PolicyGeometry, check_group
+from learner.settings import LearnerSettings
 from replay.codec import decode, encode
 from replay.synthetic import POCKET, REAL_480P, synthetic_group
 
@@ -117,7 +117,7 @@ def bench_door(reps: int) -> list[str]:
     payload = encode(group)
     geometry = PolicyGeometry((REAL_480P["channels"], REAL_480P["height"], REAL_480P["width"]), REAL_480P["frames_per_chunk"],
                               REAL_480P["num_chunks"], REAL_480P["num_steps"], 1000, REAL_480P["group_size"], "copo")
-    config = Config.model_validate({"algorithm": {"group_size": REAL_480P["group_size"]}})
+    config = LearnerSettings.model_validate({"algorithm": {"group_size": REAL_480P["group_size"]}})
     t_decode = median_s(lambda: decode(payload), reps)
     t_door = median_s(lambda: check_group(group, geometry, config, 0, lambda prompt: None), reps)
     return [

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import ray
 
-from learner.config import load_config
+from controller.config import load_config
 from controller.rollout_fleet import RolloutFleet
 from replay import open_store
 from reward_service.server import RewardServer

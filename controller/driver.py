@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from learner.config import Config, ConfigError, check_reward_settings, dump_config, load_config
+from controller.config import Config, ConfigError, check_reward_settings, dump_config, load_config
 from controller.run_dir import ResumeError, adopt, find_resume_point, refuse_earlier_run, write_config_records
 from controller.evaluation import OOD_ROW_KEYS, ood_metric, ood_metric_for_preset, write_base_vs_final
 from controller.run_log import MetricsLog, RedactingFilter, plot_reward_curves

@@ -26,9 +26,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from controller.config import ConfigError, load_config
 from learner.checkpoint import latest_checkpoint
-from learner.config import ConfigError, PolicySettings, load_config
 from policy.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_KEY_PREFIX
+from policy.settings import PolicySettings
 
 PIPELINE_LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight name
 _PEFT_METADATA_KEY = "lora_adapter_metadata"
@@ -84,7 +85,7 @@ def export_pipeline_lora(checkpoint: str | Path, output: str | Path) -> Path:
 
 def export_merged_transformer(checkpoint: str | Path, output: str | Path, scale: float, policy: PolicySettings) -> Path:
     """The base transformer of `policy` with `scale` x the adapter merged in, in diffusers' layout."""
-    from learner.policy_factory import build_configured_policy
+    from policy.factory import build_configured_policy
     from policy.lora import load_adapter, merge_adapters
 
     transformer = build_configured_policy(policy).transformer

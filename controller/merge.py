@@ -17,10 +17,10 @@ import json
 import sys
 from pathlib import Path
 
+from controller.config import ConfigError, load_config
 from learner.checkpoint import latest_checkpoint
-from learner.config import ConfigError, load_config
 from controller.evaluation import OOD_METRICS, EvalSummary, evaluate_policy
-from learner.policy_factory import build_configured_policy
+from policy.factory import build_configured_policy
 from controller.task_sampler import eval_set, load_prompts
 from policy.lora import load_adapter, merge_adapters
 from reward_service.registry import build_reward

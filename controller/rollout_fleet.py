@@ -33,7 +33,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from actor_group import ActorGroup, Member, wait_any
-from learner.config import Config
+from controller.config import Config
 from replay import ReplayUnavailableError, StoreLostError, open_store
 from rollout_workers.tasks import GroupSummary, RolloutTask
 from rollout_workers.worker import RolloutWorker
@@ -88,7 +88,7 @@ class RolloutFleet:
     def _start_worker(self, name: str) -> "ray.actor.ActorHandle":
         torch_threads = max(1, int(self.config.rollout.num_cpus_per_worker))
         return self._remote.remote(
-            self.config.model_dump(mode="json"), name, self.reward_server, self.store_url, self.adapter_source,
+            self.config.worker_settings().model_dump(mode="json"), name, self.reward_server, self.store_url, self.adapter_source,
             torch_threads, **self.worker_kwargs,
         )
 

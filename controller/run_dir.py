@@ -30,7 +30,7 @@ from learner.checkpoint import (
     latest_checkpoint,
     verify_checkpoint,
 )
-from learner.config import Config, dump_config
+from controller.config import Config, dump_config
 from controller.store_identity import EPOCH_FILE
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from learner.config import redact_secrets
+from controller.config import redact_secrets
 from controller.metrics import PHASES
 
 REQUIRED_KEYS = ("iteration", "reward_mean", "loss", "clip_fraction", "policy_version")

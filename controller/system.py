@@ -30,8 +30,8 @@ import ray
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
+from controller.config import Config
 from learner.checkpoint import latest_checkpoint
-from learner.config import Config
 from learner.learner_actor import Learner
 from controller.metrics import ProjectMetrics
 from controller.ray_cluster import init_ray
@@ -117,7 +117,7 @@ class System:
             ray.remote(learner_cls)
             .options(num_cpus=1, num_gpus=config.run.learner_num_gpus, resources=config.run.learner_resources or None,
                      max_restarts=learner_max_restarts, max_task_retries=0)
-            .remote(config.model_dump(mode="json"), store_url, str(output / "checkpoints"))
+            .remote(config.learner_settings().model_dump(mode="json"), store_url, str(output / "checkpoints"))
         )
         # The workers start while the learner builds its policy; they pull its adapter when it is ready.
         fleet = RolloutFleet(config, reward_server, store_url, learner, num_workers, worker_cls=worker_cls,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from learner.config import Config
+from controller.config import Config
 from rollout_workers.tasks import RolloutTask
 
 

@@ -1,6 +1,6 @@
 """Experiment trackers: where a run's metrics, config, sample videos and reward curve go.
 
-`run.trackers` picks them (learner/config.py): `jsonl` (metrics.jsonl, always on), `tensorboard`
+`run.trackers` picks them (controller/config.py): `jsonl` (metrics.jsonl, always on), `tensorboard`
 (event files under `<output>/tensorboard`), `mlflow` (a file store under `<output>/mlruns`, or
 `run.mlflow_tracking_uri`) and `wandb` (offline under `<output>/wandb` unless `run.wandb_mode=online`).
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from learner.config import Config, redact_secrets
+from controller.config import Config, redact_secrets
 from controller.run_log import MetricsLog
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from learner.config import Config
+from controller.config import Config
 
 CHECKPOINT_EVERY = 4  # iterations
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from experiments.tables import HEADS, Scores
 from controller.evaluation import evaluate_policy
-from learner.policy_factory import build_configured_policy
+from policy.factory import build_configured_policy
 from controller.task_sampler import eval_set, load_prompts
 from policy.lora import load_adapter, merge_adapters
 from policy.pocket.ood_metric import frechet_distance, reference_videos, video_features

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.config import CONFIG_DIR, Config, load_config
 from learner.checkpoint import latest_checkpoint
-from learner.config import CONFIG_DIR, Config, load_config
 
 log = logging.getLogger("experiments")
 FINISHED = "finished.json"

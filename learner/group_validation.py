@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from learner.config import Config
+from learner.settings import LearnerSettings
 from replay.record import CandidateGroup
 from reward_service.multi_reward import group_advantages
 
@@ -48,7 +48,7 @@ class PolicyGeometry:
     objective: str
 
     @classmethod
-    def of(cls, policy, config: Config) -> PolicyGeometry:
+    def of(cls, policy, config: LearnerSettings) -> PolicyGeometry:
         return cls(tuple(int(s) for s in policy.latent_shape), int(policy.frames_per_chunk), int(policy.num_chunks),
                    int(policy.num_steps), int(policy.sampler.num_train_timesteps), int(config.algorithm.group_size),
                    config.algorithm.objective)
@@ -62,7 +62,7 @@ class PolicyGeometry:
         return 8 * (frames * frame + T + MAX_REWARD_HEADS * G) + G  # + timesteps, rewards, reward_valid
 
 
-def check_group(group: CandidateGroup, geometry: PolicyGeometry, config: Config, version: int,
+def check_group(group: CandidateGroup, geometry: PolicyGeometry, config: LearnerSettings, version: int,
                 encode_prompt: Callable[[str], object]) -> None:
     """Raise `GroupRejected` naming the first problem that makes `group` unusable by this learner."""
     g = geometry
@@ -108,7 +108,7 @@ def _count_nonfinite(tensor: torch.Tensor) -> int:
     return int((~torch.isfinite(tensor)).sum())
 
 
-def _check_rewards(group: CandidateGroup, config: Config) -> None:
+def _check_rewards(group: CandidateGroup, config: LearnerSettings) -> None:
     weights, valid = config.reward.weights, group.reward_valid.numpy()
     missing = sorted(set(weights) - set(group.rewards))
     if missing:

@@ -39,14 +39,14 @@ from learner.checkpoint import (
     read_checkpoint_state,
     save_learner_checkpoint,
 )
-from learner.config import Config
 from learner.group_validation import GroupRejected, PolicyGeometry, check_group
 from learner.nonfinite_guard import NonFiniteGuard
 from learner.micro_batches import copo_group_backward, sde_grpo_group_backward
 from learner.nft_trainer import CHECKPOINT_ADAPTERS, NftTrainer
 from learner.objectives import sample_anchors
-from learner.policy_factory import add_adapter, build_configured_policy
+from learner.settings import LearnerSettings
 from learner.updates import GroupLoss
+from policy.factory import add_adapter, build_configured_policy
 from policy.lora import export_adapter_state
 from replay import Delivery, ReplayUnavailableError, StoreLostError, open_store
 from replay.record import CandidateGroup
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 class Learner:
     def __init__(self, config: dict, store_url: str, checkpoint_root: str, consumer: str = "learner-0") -> None:
-        self.config = Config.model_validate(config)
+        self.config = LearnerSettings.model_validate(config)
         alg = self.config.algorithm
         torch.manual_seed(self.config.run.seed)
         self.policy = build_configured_policy(self.config.policy)

@@ -31,7 +31,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from learner.config import AlgorithmSettings, RewardSettings
 from learner.nft import (
     NFT_TIMESTEPS,
     DynamicReferenceController,
@@ -42,12 +41,14 @@ from learner.nft import (
     reward_disagreement,
     select_uncertain,
 )
+from learner.settings import AlgorithmSettings
 from learner.updates import AdapterSwitch, NftAdapters, nft_group_update
 from policy.lora import attach_adapter, export_adapter_state, import_adapter_state, set_active_adapter
 from policy.lora_precision import keep_adapter_in_float32
 from policy.pipeline import StreamingVideoPolicy
 from replay.record import CandidateGroup
 from reward_service.multi_reward import combine
+from reward_service.settings import RewardSettings
 
 log = logging.getLogger(__name__)
 

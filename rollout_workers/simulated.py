@@ -24,7 +24,6 @@ import numpy as np
 import ray
 import torch
 
-from learner.config import Config
 from replay import open_store
 from replay.record import CandidateGroup
 from replay.synthetic import synthetic_group
@@ -35,6 +34,7 @@ from reward_service.result import RewardResult
 from reward_service.server import remote_score
 from rollout_workers.adapter_source import pull_current_adapter
 from rollout_workers.delivery import deliver_group, valid_reward_means
+from rollout_workers.settings import WorkerSettings
 from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask
 
 STAND_IN_HEADS = ("VQ", "MQ", "TA")
@@ -93,7 +93,7 @@ def preset_geometry(preset_name: str) -> dict[str, int]:
 class SimulatedRolloutWorker:
     def __init__(
         self,
-        config: dict,
+        settings: dict,
         name: str,
         reward_server: "ray.actor.ActorHandle | None",
         store_url: str,
@@ -112,14 +112,14 @@ class SimulatedRolloutWorker:
             raise ValueError(f"reward must be 'server' or 'stand-in', got {reward!r}")
         if reward == "server" and reward_server is None:
             raise ValueError("reward='server' needs a reward server handle")
-        self.config = Config.model_validate(config)
+        self.settings = WorkerSettings.model_validate(settings)
         self.name = name
         self.compute_s = float(compute_s)
         self.clip_shape = tuple(clip_shape)
-        self.geometry = dict(geometry) if geometry is not None else preset_geometry(self.config.policy.preset)
+        self.geometry = dict(geometry) if geometry is not None else preset_geometry(self.settings.policy.preset)
         if sorted(self.geometry) != sorted(GEOMETRY_KEYS):
             raise ValueError(f"geometry must give exactly {GEOMETRY_KEYS}, got {sorted(self.geometry)}")
-        self.adapter = self.config.algorithm.effective_adapter_name if adapter_source is not None else None
+        self.adapter = self.settings.adapter_name if adapter_source is not None else None
         self.version = 0
         if adapter_source is not None:  # like the real worker: a (re)started worker pulls the current adapter
             self.set_adapter(*pull_current_adapter(adapter_source))
@@ -127,7 +127,7 @@ class SimulatedRolloutWorker:
         self.stand_in = FixedCostReward(reward_cost_s) if reward == "stand-in" else None
         self.heads = tuple(ray.get(reward_server.heads.remote())) if self.reward_server is not None else STAND_IN_HEADS
         self.store = open_store(store_url)
-        self.min_valid = self.config.reward.min_valid_per_group
+        self.min_valid = self.settings.min_valid_per_group
         self.groups_produced = 0
 
     def info(self) -> dict:

@@ -15,8 +15,7 @@ import time
 import ray
 import torch
 
-from learner.config import Config
-from learner.policy_factory import add_adapter, build_configured_policy
+from policy.factory import add_adapter, build_configured_policy
 from policy.lora import import_adapter_state
 from replay import open_store
 from reward_service.base import Video
@@ -24,6 +23,7 @@ from reward_service.server import remote_score
 from rollout_workers.adapter_source import pull_current_adapter
 from rollout_workers.delivery import deliver_group, valid_reward_means
 from rollout_workers.produce import decode_videos, eval_latents, produce_group
+from rollout_workers.settings import WorkerSettings
 from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask
 
 log = logging.getLogger(__name__)
@@ -32,27 +32,27 @@ log = logging.getLogger(__name__)
 class RolloutWorker:
     def __init__(
         self,
-        config: dict,
+        settings: dict,
         name: str,
         reward_server: "ray.actor.ActorHandle",
         store_url: str,
         adapter_source: "ray.actor.ActorHandle | None" = None,
         torch_threads: int | None = None,
     ) -> None:
-        self.config = Config.model_validate(config)
+        self.settings = WorkerSettings.model_validate(settings)
         self.name = name
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.policy = build_configured_policy(self.config.policy)
-        self.adapter = self.config.algorithm.effective_adapter_name if adapter_source is not None else None
+        self.policy = build_configured_policy(self.settings.policy)
+        self.adapter = self.settings.adapter_name if adapter_source is not None else None
         self.version = 0
         if self.adapter is not None:
-            add_adapter(self.policy, self.adapter, self.config.lora, train=False)
+            add_adapter(self.policy, self.adapter, self.settings.lora, train=False)
             self.set_adapter(*pull_current_adapter(adapter_source))
         self.reward_server = reward_server
         self.heads: tuple[str, ...] = tuple(ray.get(reward_server.heads.remote()))
         self.store = open_store(store_url)
-        self.min_valid = self.config.reward.min_valid_per_group
+        self.min_valid = self.settings.min_valid_per_group
         log.info("rollout worker %s ready (pid %d, adapter %s v%d)", name, os.getpid(), self.adapter, self.version)
 
     def info(self) -> dict:
@@ -75,7 +75,7 @@ class RolloutWorker:
         return remote_score(self.reward_server, videos, prompts)
 
     def produce(self, task: RolloutTask) -> GroupSummary:
-        produced = produce_group(self.policy, task, self.version, self._score, self.heads, self.config.rollout.branch_batch_size)
+        produced = produce_group(self.policy, task, self.version, self._score, self.heads, self.settings.rollout.branch_batch_size)
         group = produced.group
         t0 = time.perf_counter()
         stored, reason = deliver_group(self.store, group, task.destination, self.min_valid)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks.gpu_bench import bf16_peak, peak_for_name, run_bench
-from learner.config import load_config
+from controller.config import load_config
 
 SMALL_GROUP = ["algorithm.group_size=4", "algorithm.anchors_per_group=2", "rollout.branch_batch_size=2"]
 

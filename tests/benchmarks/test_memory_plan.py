@@ -13,10 +13,10 @@ import torch
 
 from benchmarks.memory_plan import lora_parameters, meta_policy, replay_memory
 from benchmarks.tensor_memory import TensorMemory
-from learner.config import LoraSettings
-from learner.policy_factory import add_adapter
+from policy.factory import add_adapter
 from policy.pivot_replay import rebuild_prefix_cache, replay_pivot_chunk
 from policy.presets import WAN21_T2V_1_3B, PolicyPreset
+from policy.settings import LoraSettings
 
 TEXT_TOKENS = 16
 PRESET = PolicyPreset(name="real-width-2-blocks", transformer={**WAN21_T2V_1_3B, "num_layers": 2},

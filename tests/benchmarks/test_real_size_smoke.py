@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.real_size_smoke import SMALL_GROUP, run_smoke
-from learner.config import load_config
+from controller.config import load_config
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, as `python -m` would
 
-from learner.config import load_config  # noqa: E402
+from controller.config import load_config  # noqa: E402
 from controller.driver import train  # noqa: E402
 from rollout_workers.simulated import FIXED_COST_REWARD, SimulatedRolloutWorker, preset_geometry  # noqa: E402
 

@@ -49,7 +49,7 @@ from drill_learner import DrillLearner  # noqa: E402
 from drills import CRASH_REWARD, arm, armed  # noqa: E402
 from drills import DrillRolloutWorker  # noqa: E402
 
-from learner.config import load_config  # noqa: E402
+from controller.config import load_config  # noqa: E402
 from controller.driver import train  # noqa: E402
 from controller.scale import request_scale  # noqa: E402
 from controller.task_sampler import TaskSampler, load_prompts  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from learner.config import load_config
+from controller.config import load_config
 from controller.task_sampler import TaskSampler, load_prompts
 from replay import open_store
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 
 from poison_worker import POISONS, PoisonRolloutWorker  # noqa: E402
 
-from learner.config import load_config  # noqa: E402
+from controller.config import load_config  # noqa: E402
 from controller.driver import train  # noqa: E402
 from controller.task_sampler import TaskSampler, load_prompts  # noqa: E402
 from replay import StoreLostError, open_store  # noqa: E402

@@ -3,7 +3,7 @@ import re
 import pytest
 import yaml
 
-from learner.config import (
+from controller.config import (
     POCKET_CONFIG,
     Config,
     ConfigError,

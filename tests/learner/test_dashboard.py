@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 import ray
 
-from learner.config import load_config
+from controller.config import load_config
 from controller.driver import train
 from controller.ray_cluster import init_ray
 

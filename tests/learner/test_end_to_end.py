@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from learner.config import load_config
+from controller.config import load_config
 from controller.driver import train
 from policy.lora import PEFT_KEY_PREFIX
 from policy.pocket.domain import NUM_FRAMES

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-from learner.config import dump_config, load_config
+from controller.config import dump_config, load_config
 from controller.export import ExportError, export_pipeline_lora, main
 from policy.lora import attach_adapter, export_adapter_state, import_adapter_state, save_adapter
 from policy.presets import build_policy

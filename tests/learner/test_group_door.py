@@ -12,7 +12,7 @@ import redis
 import torch
 
 import replay
-from learner.config import CONFIG_DIR, load_config
+from controller.config import CONFIG_DIR, load_config
 from learner.learner_actor import Learner
 from controller.metrics import ProjectMetrics
 from learner.nonfinite_guard import NonFiniteUpdateError
@@ -72,7 +72,7 @@ KINDS = ["nan_reward", "wrong_geometry", "zero_size", "nan_pivot_x0", "inf_pivot
 
 def learner(weights, store_url: str, root, *overrides: str, config_file=None) -> Learner:
     config = load_config(config_file, [f"policy.transformer_checkpoint={weights}", *SMALL, *overrides])
-    return Learner(config.model_dump(mode="json"), store_url, str(root))
+    return Learner(config.learner_settings().model_dump(mode="json"), store_url, str(root))
 
 
 def adapter(lrn: Learner) -> dict[str, torch.Tensor]:

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from learner.config import load_config
+from controller.config import load_config
 from controller.evaluation import EvalSummary
 from controller.merge import adapter_dir, merge_sweep, select_scale
-from learner.policy_factory import add_adapter, build_configured_policy
+from policy.factory import add_adapter, build_configured_policy
 from policy.lora import adapter_delta, load_adapter, save_adapter
 from diffusers import WanTransformer3DModel
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from learner.config import PolicySettings
+from policy.settings import PolicySettings
 from learner.micro_batches import copo_group_backward, sde_grpo_group_backward
-from learner.policy_factory import build_configured_policy
+from policy.factory import build_configured_policy
 from learner.updates import copo_group_loss, sde_grpo_group_loss
 from policy.lora import attach_adapter, export_adapter_state, import_adapter_state
 from policy.pocket import domain

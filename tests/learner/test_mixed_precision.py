@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import learner.policy_factory
+import policy.factory
+from controller.config import load_config
 from learner.checkpoint import checkpoint_dir
-from learner.config import load_config
 from learner.learner_actor import Learner
 from policy.lora import ADAPTER_WEIGHTS_FILE, export_adapter_state
 from policy.pocket import domain
@@ -37,7 +37,7 @@ def _learner(tmp_path, name: str, store: str) -> Learner:
         "policy.dtype=bfloat16", "algorithm.learning_rate=1e-5", "lora.rank=4", "lora.alpha=8",
         "algorithm.group_size=3", "algorithm.anchors_per_group=2", "algorithm.micro_batch_size=2",
     ])
-    return Learner(config.model_dump(mode="json"), (tmp_path / store).as_uri(), str(tmp_path / name))
+    return Learner(config.learner_settings().model_dump(mode="json"), (tmp_path / store).as_uri(), str(tmp_path / name))
 
 
 def _deliver(learner: Learner, iteration: int) -> None:
@@ -97,7 +97,7 @@ def test_bf16_policy_trains_a_float32_adapter_and_resumes_exactly(tmp_path):
 def test_a_bf16_adapter_would_freeze_by_rounding(tmp_path, monkeypatch):
     """The same run with the adapter left in bf16 (what attaching it after the cast gave): the measure
     above fails, so the float32 adapter is what makes it pass."""
-    monkeypatch.setattr(learner.policy_factory, "keep_adapter_in_float32", lambda transformer, name: None)
+    monkeypatch.setattr(policy.factory, "keep_adapter_in_float32", lambda transformer, name: None)
     run = _learner(tmp_path, "ckpt", "store")
     assert {p.dtype for p in run.params} == {torch.bfloat16}
     for iteration in (1, 2, 3):

@@ -13,7 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from learner.config import CONFIG_DIR, AlgorithmSettings, RewardSettings, load_config
+from controller.config import CONFIG_DIR, load_config
+
+from learner.settings import AlgorithmSettings
+
+from reward_service.settings import RewardSettings
 from learner.learner_actor import Learner
 from learner.nft import DynamicReferenceController
 from learner.nft_trainer import OLD_ADAPTER, REFERENCE_ADAPTER, NftTrainer, nft_window
@@ -319,7 +323,7 @@ def _learner(weights, tmp_path, name: str) -> Learner:
         "algorithm.anchors_per_group=2", "algorithm.updates_per_iteration=2", "algorithm.nft_window_chunks=1",
         "algorithm.nft_ema_rate=0.2", "algorithm.nft_micro_batch=2",
     ])
-    return Learner(config.model_dump(mode="json"), (tmp_path / "store").as_uri(), str(tmp_path / name))
+    return Learner(config.learner_settings().model_dump(mode="json"), (tmp_path / "store").as_uri(), str(tmp_path / name))
 
 
 def _adapters(learner) -> dict[str, dict[str, torch.Tensor]]:

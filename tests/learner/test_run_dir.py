@@ -14,7 +14,7 @@ import pytest
 
 from checkpoint_fixtures import ADAPTER, RANK, flip_tensor_byte, write_checkpoint
 from controller import driver
-from learner.config import ConfigError, dump_config, load_config
+from controller.config import ConfigError, dump_config, load_config
 from controller.run_dir import ResumeError, find_resume_point
 
 SMALL = [f"lora.rank={RANK}", "run.iterations=1"]

@@ -63,7 +63,7 @@ def test_reward_curve_draws_heads_not_timings_and_the_base_score_at_zero():
 
 
 def test_reward_head_names_that_clash_with_metrics_columns_are_refused():
-    from learner.config import ConfigError, load_config
+    from controller.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="reward.weights"):
         load_config(None, ["reward.weights={s: 1.0}"])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from learner.config import ConfigError, load_config
+from controller.config import ConfigError, load_config
 from controller.task_sampler import TaskSampler
 
 PROMPTS = ["a red circle moving left on a dark background", "two blue squares moving up on a grey background"]

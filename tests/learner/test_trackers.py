@@ -13,7 +13,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from learner.config import load_config
+from controller.config import load_config
 from controller.run_log import MetricsLog, plot_reward_curves
 from controller.trackers import Media, Tracker, Trackers, flat_config
 from policy.video_io import grid_video
@@ -211,7 +211,7 @@ def test_a_tracker_that_cannot_start_is_left_out(tmp_path, caplog):
 
 
 def test_trackers_config_is_checked():
-    from learner.config import ConfigError
+    from controller.config import ConfigError
 
     with pytest.raises(ConfigError, match="jsonl"):
         load_config(None, ["run.trackers=[tensorboard]"])
@@ -220,7 +220,7 @@ def test_trackers_config_is_checked():
 
 
 def test_config_hyper_parameters_carry_no_url_password():
-    from learner.config import load_config
+    from controller.config import load_config
     from controller.trackers import flat_config
 
     config = load_config(None, ["replay.url=redis://:hunter2@10.0.0.5:6379/0"])

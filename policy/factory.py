@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from learner.config import LoraSettings, PolicySettings
 from policy.lora import DEFAULT_TARGETS, attach_adapter
 from policy.lora_precision import keep_adapter_in_float32
 from policy.pipeline import StreamingVideoPolicy
 from policy.presets import build_policy, get_preset
+from policy.settings import LoraSettings, PolicySettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
