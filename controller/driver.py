@@ -36,13 +36,11 @@ from controller.run_log import MetricsLog, RedactingFilter, plot_reward_curves
 from controller.system import LearnerRestored, System
 from controller.task_sampler import TaskSampler, eval_set, load_prompts
 from controller.trackers import Media, Trackers
-from policy.pocket.domain import FPS as POCKET_FPS
 from policy.presets import get_preset
 from policy.video_io import contact_sheet, grid_video
 from reward_service.multi_reward import combine
 
 log = logging.getLogger("learner")
-WAN_FPS = 16.0  # Wan2.1's videos play at 16 frames a second
 
 
 def train(
@@ -202,7 +200,7 @@ def evaluate(system: System, config: Config, prompts: list[str], seeds: list[int
     if frames:
         labels = [f"{r.prompt} (seed {r.seed})" for r in results[: len(frames)]]
         contact_sheet(frames, labels, output / "samples" / f"{tag}.png")
-        fps = POCKET_FPS if config.policy.preset == "pocket" else WAN_FPS
+        fps = get_preset(config.policy.preset).fps
         media.append(Media("video", "heldout_samples", grid_video(frames, labels, output / "samples" / f"{tag}.mp4", fps), fps))
     return out, media
 

@@ -12,14 +12,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from policy.generation import generate_videos
 from policy.pipeline import StreamingVideoPolicy
-from policy.pocket.generation import generate_videos
+from policy.plugins import get_ood_metric
 from reward_service.base import RewardModel, Video
 from reward_service.multi_reward import combine
 from reward_service.scoring import score_isolated
-
-OOD_METRICS = ("pocket_fvd",)
-
 
 @dataclass
 class EvalSummary:
@@ -37,13 +35,10 @@ class EvalSummary:
 
 
 def ood_metric(name: str | None, videos: list[np.ndarray], prompts: list[str]) -> float | None:
+    """``name``: an out-of-domain metric a plug-in registers (``policy.plugins``), or None for none."""
     if name is None:
         return None
-    if name == "pocket_fvd":
-        from policy.pocket.ood_metric import pocket_fvd
-
-        return pocket_fvd(np.stack(videos), prompts)
-    raise ValueError(f"unknown out-of-domain metric {name!r}; known: {OOD_METRICS}")
+    return get_ood_metric(name)(np.stack(videos), prompts)
 
 
 def evaluate_policy(
