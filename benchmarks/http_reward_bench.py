@@ -30,7 +30,7 @@ from reward_service.registry import build_reward
 
 
 def pocket_videos(n: int) -> tuple[list[Video], list[str]]:
-    from policy.pocket import domain
+    from pocket import domain
 
     prompts = [domain.train_prompts()[i % len(domain.train_prompts())] for i in range(n)]
     return [Video(domain.generate_video(p, i), domain.FPS) for i, p in enumerate(prompts)], prompts

@@ -28,8 +28,8 @@ from learner.updates import copo_group_loss
 from policy.lora import DEFAULT_TARGETS, attach_adapter
 from policy.noise_plan import NoisePlan
 from policy.pivot_replay import rebuild_prefix_cache
-from policy.pocket import domain
-from policy.pocket.preset import load_pocket_policy
+from pocket import domain
+from pocket.preset import load_pocket_policy
 from policy.rollout import rollout_group
 from rollout_workers.produce import make_record
 from rollout_workers.tasks import RolloutTask

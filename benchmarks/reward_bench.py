@@ -4,7 +4,7 @@
 
 The reward is the pocket world's verifier (VQ/MQ/TA from image analysis of 16 x 32 x 32 frames),
 built from the registry as "pocket" when its registration file exists, otherwise through a thin
-adapter over `policy.pocket.verifiers` here. Videos are pocket-domain renders of the train prompts.
+adapter over `pocket.verifiers` here. Videos are pocket-domain renders of the train prompts.
 
 1. direct:   the reward model's `score` called in this process, batch by batch (the baseline)
 2. pool x1:  RewardPool with one Ray actor (object store transfer, task dispatch, result return)
@@ -36,7 +36,7 @@ class PocketVerifierAdapter(RewardModel):
     heads = ("VQ", "MQ", "TA")
 
     def score(self, videos: list[Video], prompts: list[str]) -> dict[str, np.ndarray]:
-        from policy.pocket.verifiers import score_videos
+        from pocket.verifiers import score_videos
 
         return score_videos([v.frames for v in videos], prompts)
 
@@ -65,7 +65,7 @@ def reward_name() -> str:
 
 
 def pocket_videos(n: int) -> tuple[list[Video], list[str]]:
-    from policy.pocket import domain
+    from pocket import domain
 
     prompts = [domain.train_prompts()[i % len(domain.train_prompts())] for i in range(n)]
     videos = [Video(domain.generate_video(p, seed), domain.FPS) for seed, p in enumerate(prompts)]

@@ -32,18 +32,17 @@ from tqdm import tqdm
 
 from controller.config import Config, ConfigError, check_reward_settings, dump_config, load_config
 from controller.run_dir import ResumeError, adopt, find_resume_point, refuse_earlier_run, write_config_records
-from controller.evaluation import OOD_ROW_KEYS, ood_metric, ood_metric_for_preset, write_base_vs_final
+from controller.evaluation import ood_metric, ood_metric_for_preset, write_base_vs_final
 from controller.run_log import MetricsLog, RedactingFilter, plot_reward_curves
 from controller.system import LearnerRestored, System
 from controller.task_sampler import TaskSampler, eval_set, load_prompts
 from controller.trackers import Media, Trackers
-from policy.pocket.domain import FPS as POCKET_FPS
+from policy.plugins import ood_column
 from policy.presets import get_preset
 from policy.video_io import contact_sheet, grid_video
 from reward_service.multi_reward import combine
 
 log = logging.getLogger("learner")
-WAN_FPS = 16.0  # Wan2.1's videos play at 16 frames a second
 SHEET_ROWS = 6  # held-out samples on each contact sheet
 BASE_VS_FINAL = "samples_base_vs_final.png"  # the run's first picture: base and trained samples side by side
 
@@ -208,12 +207,12 @@ def evaluate(system: System, config: Config, prompts: list[str], seeds: list[int
     out["eval_reward_mean"] = _mean([float(combine({h: [r.rewards[h]] for h in weights}, weights)[0]) for r in valid])
     out["eval_invalid"] = len(results) - len(valid)
     if ood is not None:
-        out[f"eval_{OOD_ROW_KEYS[ood]}"] = ood_metric(ood, frames, prompts)
+        out[f"eval_{ood_column(ood)}"] = ood_metric(ood, frames, prompts)
     media = []
     if frames:
         labels = [f"{r.prompt} (seed {r.seed})" for r in results[:shown]]
         contact_sheet(frames[:shown], labels, output / "samples" / f"{tag}.png")
-        fps = POCKET_FPS if config.policy.preset == "pocket" else WAN_FPS
+        fps = get_preset(config.policy.preset).fps
         media.append(Media("video", "heldout_samples", grid_video(frames[:shown], labels, output / "samples" / f"{tag}.mp4", fps), fps))
         if samples is not None:
             samples[tag] = (frames[:shown], results[:shown])

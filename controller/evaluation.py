@@ -13,21 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
+from policy.generation import generate_videos
 from policy.pipeline import StreamingVideoPolicy
+from policy.plugins import get_ood_metric
+from policy.presets import get_preset
 from policy.video_compare import comparison_sheet
-from policy.pocket.generation import generate_videos
 from reward_service.base import RewardModel, Video
 from reward_service.multi_reward import combine
 from reward_service.scoring import score_isolated
 
-OOD_METRICS = ("pocket_fvd",)
-# The metrics.jsonl key of each out-of-domain metric (after "eval_"), as the docs name it.
-OOD_ROW_KEYS = {"pocket_fvd": "fvd_p"}
-
-
 def ood_metric_for_preset(preset: str) -> str | None:
     """The out-of-domain metric a run of `preset` reports beside its rewards (None: none defined)."""
-    return "pocket_fvd" if preset == "pocket" else None
+    return get_preset(preset).ood_metric
 
 
 @dataclass
@@ -46,13 +43,10 @@ class EvalSummary:
 
 
 def ood_metric(name: str | None, videos: list[np.ndarray], prompts: list[str]) -> float | None:
+    """``name``: an out-of-domain metric a plug-in registers (``policy.plugins``), or None for none."""
     if name is None:
         return None
-    if name == "pocket_fvd":
-        from policy.pocket.ood_metric import pocket_fvd
-
-        return pocket_fvd(np.stack(videos), prompts)
-    raise ValueError(f"unknown out-of-domain metric {name!r}; known: {OOD_METRICS}")
+    return get_ood_metric(name)(np.stack(videos), prompts)
 
 
 def evaluate_policy(

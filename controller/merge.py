@@ -19,10 +19,12 @@ from pathlib import Path
 
 from controller.config import ConfigError, load_config
 from learner.checkpoint import latest_checkpoint
-from controller.evaluation import OOD_METRICS, EvalSummary, evaluate_policy
+from controller.evaluation import EvalSummary, evaluate_policy
 from policy.factory import build_configured_policy
 from controller.task_sampler import eval_set, load_prompts
 from policy.lora import load_adapter, merge_adapters
+from policy.plugins import ood_metric_names
+from policy.presets import get_preset
 from reward_service.registry import build_reward
 
 PAPER_SCALES = (0.0, 0.4, 0.5, 0.6, 0.8, 1.0)
@@ -106,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--config", help="run config for the policy, reward and held-out prompts (default: pocket)")
     parser.add_argument("--scales", default=",".join(f"{s:g}" for s in PAPER_SCALES))
-    parser.add_argument("--ood", choices=[*OOD_METRICS, "none"], default=None,
-                        help="out-of-domain metric (default: pocket_fvd for the pocket preset, else none)")
+    parser.add_argument("--ood", choices=[*ood_metric_names(), "none"], default=None,
+                        help="out-of-domain metric (default: the preset's, e.g. pocket_fvd for the pocket preset, else none)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     try:
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         print(err, file=sys.stderr)
         return 2
-    ood = args.ood or ("pocket_fvd" if config.policy.preset == "pocket" else "none")
+    ood = args.ood or get_preset(config.policy.preset).ood_metric or "none"
     result = merge_sweep(config, adapter_dir(args.semi), adapter_dir(args.on_policy), scales,
                          None if ood == "none" else ood, Path(args.output))
     print((Path(args.output) / "merge.md").read_text())

@@ -13,20 +13,20 @@ from pathlib import Path
 import numpy as np
 
 from controller.config import Config
+from policy.plugins import prompt_set, prompt_set_names
 from rollout_workers.tasks import RolloutTask
 
 
 def load_prompts(spec: str) -> list[str]:
-    """`pocket:train` / `pocket:heldout`, or a text file with one prompt a line (blank lines and # comments skipped)."""
-    if spec.startswith("pocket:"):
-        from policy.pocket import domain
-
-        sets = {"train": domain.train_prompts, "heldout": domain.heldout_prompts}
-        name = spec.split(":", 1)[1]
-        if name not in sets:
-            raise ValueError(f"unknown pocket prompt set {name!r} (rollout.prompts); known: {sorted(sets)}")
-        return list(sets[name]())
+    """A prompt set a plug-in registers (`pocket:train`, `pocket:heldout`), or a text file with one prompt
+    a line (blank lines and # comments skipped)."""
+    prompts = prompt_set(spec)
+    if prompts is not None:
+        return prompts
     path = Path(spec)
+    known = prompt_set_names()
+    if not path.is_file() and spec.partition(":")[0] in {name.partition(":")[0] for name in known}:
+        raise ValueError(f"unknown prompt set {spec!r} (rollout.prompts / rollout.eval_prompts); known: {known}")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {spec!r} not found (rollout.prompts / rollout.eval_prompts)")
     prompts = [line.strip() for line in path.read_text().splitlines()]

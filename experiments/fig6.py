@@ -2,7 +2,7 @@
 
 For every seed a rollout's random draws are frozen; then exactly one draw is replaced by a fresh one:
 a chunk's initial noise, or the re-noise draw after one denoising step of that chunk
-(`policy.pocket.entropy.noise_entropy_table`, run once per seed so the spread over seeds is known).
+(`experiments.pocket_studies.entropy.noise_entropy_table`, run once per seed so the spread over seeds is known).
 The number is the relative L2 change of the latents from that chunk on.
 """
 
@@ -21,7 +21,7 @@ MIN_RATIO = 5.0  # "initial noise >> re-noise": the initial-noise change is at l
 
 def measure(policy, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Per seed: `initial [S, L]` and `renoise [S, L, T-1]` relative L2 changes (seed i uses prompt i mod len)."""
-    from policy.pocket.entropy import noise_entropy_table
+    from experiments.pocket_studies.entropy import noise_entropy_table
 
     initial, renoise = [], []
     for i, seed in enumerate(seeds):

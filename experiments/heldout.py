@@ -3,7 +3,7 @@
 Every candidate sees the same (prompt, noise seed) pairs: the held-out pocket prompts (unseen colour,
 shape and direction combinations), one video each, seeds from `controller.task_sampler.eval_set` with
 run seed 0, whatever seed a model was trained with. Scores: every verifier head, Overall (their sum,
-as VideoAlign's), and FVD-p (`policy.pocket.ood_metric.pocket_fvd`; the real reference videos'
+as VideoAlign's), and FVD-p (`pocket.ood_metric.pocket_fvd`; the real reference videos'
 features are computed once here and reused for every candidate).
 """
 
@@ -20,7 +20,7 @@ from controller.evaluation import evaluate_policy
 from policy.factory import build_configured_policy
 from controller.task_sampler import eval_set, load_prompts
 from policy.lora import load_adapter, merge_adapters
-from policy.pocket.ood_metric import frechet_distance, reference_videos, video_features
+from pocket.ood_metric import frechet_distance, reference_videos, video_features
 from reward_service.registry import build_reward
 
 REFERENCE_PER_PROMPT = 4  # as pocket_fvd

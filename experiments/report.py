@@ -21,7 +21,7 @@ PREAMBLE = (
     "Every number below comes from runs the command performed; mean ± spread is the mean and the sample\n"
     "standard deviation over training seeds. Rewards are the pocket verifiers' heads (higher is better,\n"
     "Overall = TA + VQ + MQ as VideoAlign's); FVD-p is the out-of-domain Frechet distance to real\n"
-    "domain videos (`policy.pocket.ood_metric`, lower is better; it plays VBench's role)."
+    "domain videos (`pocket.ood_metric`, lower is better; it plays VBench's role)."
 )
 _SECTION = re.compile(r"<!-- begin (?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- end (?P=name) -->\n?", re.S)
 

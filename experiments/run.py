@@ -57,8 +57,8 @@ def run_experiment(name: str, budget: Budget, seeds: list[int], out: Path, work:
 
 def _fig6(budget: Budget, out: Path, weights: Path | None) -> Section:
     from experiments import fig6
-    from policy.pocket import domain
-    from policy.pocket.preset import WEIGHTS_DIR, load_pocket_policy
+    from pocket import domain
+    from pocket.preset import WEIGHTS_DIR, load_pocket_policy
 
     directory = weights or WEIGHTS_DIR
     policy = load_pocket_policy(directory)

@@ -48,7 +48,7 @@ def config_hash(config: Config) -> str:
     """Hash of the configuration and of the pocket base weights it trains (retrained weights: new runs)."""
     digest = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode())
     if config.policy.preset == "pocket":
-        from policy.pocket.preset import WEIGHTS_DIR
+        from pocket.preset import WEIGHTS_DIR
 
         weights = Path(config.policy.transformer_checkpoint or WEIGHTS_DIR) / "diffusion_pytorch_model.safetensors"
         if weights.is_file():

@@ -7,7 +7,7 @@ import torch
 from policy.lora import DEFAULT_TARGETS, attach_adapter
 from policy.lora_precision import keep_adapter_in_float32
 from policy.pipeline import StreamingVideoPolicy
-from policy.presets import build_policy, get_preset
+from policy.presets import build_policy, get_preset, preset_loader
 from policy.settings import LoraSettings, PolicySettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -22,12 +22,12 @@ def resolve_device(device: str) -> torch.device:
 def build_configured_policy(settings: PolicySettings) -> StreamingVideoPolicy:
     """The frozen base policy: preset plus the paths the config gives for real weights.
 
-    The pocket preset loads its shipped weights (or the directory `transformer_checkpoint` names)."""
+    A preset with its own loader (the pocket world's shipped weights) loads from the directory
+    `transformer_checkpoint` names, else its own weights."""
     device, dtype = resolve_device(settings.device), DTYPES[settings.dtype]
-    if settings.preset == "pocket":
-        from policy.pocket.preset import WEIGHTS_DIR, load_pocket_policy
-
-        return _with_memory_settings(load_pocket_policy(settings.transformer_checkpoint or WEIGHTS_DIR, device=device, dtype=dtype), settings)
+    loader = preset_loader(settings.preset)
+    if loader is not None:
+        return _with_memory_settings(loader(settings.transformer_checkpoint, device=device, dtype=dtype), settings)
     preset = get_preset(settings.preset)
     paths = {
         "checkpoint_path": settings.transformer_checkpoint,

@@ -2,20 +2,23 @@
 
 Real presets (Wan2.1-T2V-1.3B made block-causal) load their weights through ``policy.checkpoints``,
 ``policy.text_encoder`` and ``policy.vae`` from paths given by configuration. ``tiny-*`` presets are
-randomly initialised, for tests and benchmarks. ``pocket`` is registered by ``policy.pocket.preset``,
-imported on first request.
+randomly initialised, for tests and benchmarks. Plug-ins (``policy.plugins``) add presets: eagerly
+with ``register_preset``, or by naming the module that registers one (``policy.plugins.register_preset_module``), imported
+on first request. A preset with its own weights format registers a loader (``register_preset``'s ``loader``).
 """
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from policy.pipeline import StreamingVideoPolicy, TextEncoder, VideoCodec
+from policy.plugins import PRESET_MODULES, load_plugins, plugin_note
 from policy.sampler import SamplerConfig
 from policy.transformer_causal_wan import CausalWanTransformer3DModel
 
@@ -68,6 +71,8 @@ class PolicyPreset(BaseModel):
     lora_path: str | None = None  # LongLive ships its LoRA separately; merged at load
     text_encoder_path: str | None = None
     vae_path: str | None = None
+    fps: float = 16.0  # playback rate of the decoded videos (Wan2.1's 16 fps)
+    ood_metric: str | None = None  # default out-of-domain metric (``policy.plugins``) when evaluating merges
 
     def with_paths(self, **paths: str | None) -> PolicyPreset:
         unknown = set(paths) - {"checkpoint_path", "lora_path", "text_encoder_path", "vae_path"}
@@ -76,24 +81,41 @@ class PolicyPreset(BaseModel):
         return self.model_copy(update=paths)
 
 
+# (weights directory or None for the preset's own, device, dtype) -> a ready policy
+PresetLoader = Callable[..., StreamingVideoPolicy]
+
 _REGISTRY: dict[str, PolicyPreset] = {}
-_LAZY_MODULES = {"pocket": "policy.pocket.preset"}
+_LOADERS: dict[str, PresetLoader] = {}
+_LAZY_MODULES = PRESET_MODULES  # filled by plug-ins, without importing this module (it imports torch)
 
 
-def register_preset(preset: PolicyPreset) -> PolicyPreset:
+def register_preset(preset: PolicyPreset, loader: PresetLoader | None = None) -> PolicyPreset:
+    """``loader(weights, device=, dtype=)`` replaces ``build_policy`` for a preset that ships its own weights
+    format; ``weights`` is the directory a config's ``policy.transformer_checkpoint`` names, or None."""
     _REGISTRY[preset.name] = preset
+    if loader is not None:
+        _LOADERS[preset.name] = loader
     return preset
 
 
 def get_preset(name: str) -> PolicyPreset:
+    if name not in _REGISTRY and name not in _LAZY_MODULES:
+        load_plugins()
     if name not in _REGISTRY and name in _LAZY_MODULES:
         importlib.import_module(_LAZY_MODULES[name])
     if name not in _REGISTRY:
-        raise KeyError(f"unknown policy preset {name!r}; known: {sorted(set(_REGISTRY) | set(_LAZY_MODULES))}")
+        raise KeyError(f"unknown policy preset {name!r}; known: {list_presets()}{plugin_note()}")
     return _REGISTRY[name]
 
 
+def preset_loader(name: str) -> PresetLoader | None:
+    """The loader the preset ``name`` registered, or None when ``build_policy`` builds it."""
+    get_preset(name)
+    return _LOADERS.get(name)
+
+
 def list_presets() -> list[str]:
+    load_plugins()
     return sorted(set(_REGISTRY) | set(_LAZY_MODULES))
 
 

@@ -12,7 +12,8 @@ Adding a reward is one file under `reward_service/rewards/` that registers a fac
 `build_reward("my_reward", **config)` imports `reward_service.rewards.my_reward` on first use (then,
 if the name is still unknown, every module of that package), so importing this registry imports
 neither torch nor transformers. A reward living outside this package is named `"pkg.module:name"`:
-the module is imported and must register `name`. The pool never needs to change.
+the module is imported and must register `name`; or a plug-in (`policy.plugins`, e.g. the pocket
+world's verifiers) registers it by name when plug-ins load. The pool never needs to change.
 
 A registration may declare the model's heads (`register_reward("my_reward", heads=("VQ", "TA"))`, or
 a function of the config for a model whose heads are configured) so that a run can check its reward
@@ -25,6 +26,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 
+from policy.plugins import load_plugins, plugin_note
 from reward_service.base import RewardModel
 
 RewardFactory = Callable[..., RewardModel]
@@ -105,6 +107,9 @@ def resolve_factory(name: str) -> RewardFactory:
         return _FACTORIES[short]
     if name in _FACTORIES:
         return _FACTORIES[name]
+    load_plugins()
+    if name in _FACTORIES:
+        return _FACTORIES[name]
     failures = _import_plugins(first=name)
     if name in _FACTORIES:
         return _FACTORIES[name]
@@ -112,11 +117,13 @@ def resolve_factory(name: str) -> RewardFactory:
     raise KeyError(
         f"unknown reward {name!r}; registered: {sorted(_FACTORIES)}"
         + (f"; plugin modules that failed to import:{detail}" if detail else "")
+        + plugin_note()
     )
 
 
 def available_rewards() -> list[str]:
-    """Names of every reward registered in this package (imports the registration files)."""
+    """Names of every reward registered in this package or by a plug-in (imports the registration files)."""
+    load_plugins()
     _import_plugins()
     return sorted(_FACTORIES)
 

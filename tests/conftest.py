@@ -28,7 +28,7 @@ def redis_prefix():
 @pytest.fixture(scope="session")
 def untrained_pocket_weights(tmp_path_factory):
     """A pocket-preset weights directory with random (untrained) weights, for tests of mechanics."""
-    from policy.pocket.preset import new_transformer, save_pocket_weights
+    from pocket.preset import new_transformer, save_pocket_weights
 
     path = tmp_path_factory.mktemp("pocket_weights")
     save_pocket_weights(new_transformer(0), path, {"note": "untrained, for tests"})

@@ -20,7 +20,7 @@ from experiments.tables import Scores
 from experiments.training import RunResult
 from learner.checkpoint import save_learner_checkpoint
 from policy.lora import attach_adapter
-from policy.pocket.preset import new_transformer
+from pocket.preset import new_transformer
 
 TINY = Budget("tiny", iterations=2, groups_per_iteration=1, group_size=2, anchors_per_group=1, buffer_groups=1,
               eval_prompts=2, seeds=2, entropy_seeds=1, num_workers=1)

@@ -15,7 +15,7 @@ from experiments.fig2 import method_config
 from experiments.heldout import HeldOut
 from experiments.training import FINISHED, train_run
 from controller.evaluation import evaluate_policy
-from policy.pocket.preset import load_pocket_policy
+from pocket.preset import load_pocket_policy
 from reward_service.registry import build_reward
 
 TINY = Budget("tiny", iterations=1, groups_per_iteration=1, group_size=2, anchors_per_group=1, buffer_groups=1,

@@ -53,7 +53,7 @@ from controller.config import load_config  # noqa: E402
 from controller.driver import train  # noqa: E402
 from controller.scale import request_scale  # noqa: E402
 from controller.task_sampler import TaskSampler, load_prompts  # noqa: E402
-from policy.pocket.preset import new_transformer, save_pocket_weights  # noqa: E402
+from pocket.preset import new_transformer, save_pocket_weights  # noqa: E402
 from replay import open_store  # noqa: E402
 from rollout_workers.simulated import preset_geometry  # noqa: E402
 

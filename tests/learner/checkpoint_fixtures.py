@@ -13,7 +13,7 @@ import torch
 from learner.checkpoint import save_learner_checkpoint
 from learner.checkpoint_manifest import write_manifest
 from policy.lora import attach_adapter
-from policy.pocket.preset import new_transformer
+from pocket.preset import new_transformer
 
 ADAPTER = "on_policy"
 RANK = 4

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from controller.config import load_config
 from controller.driver import train
 from policy.lora import PEFT_KEY_PREFIX
-from policy.pocket.domain import NUM_FRAMES
+from pocket.domain import NUM_FRAMES
 
 SMALL = [
     "rollout.num_workers=2",

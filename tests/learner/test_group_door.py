@@ -17,7 +17,7 @@ from learner.learner_actor import Learner
 from controller.metrics import ProjectMetrics
 from learner.nonfinite_guard import NonFiniteUpdateError
 from policy.lora import export_adapter_state
-from policy.pocket import domain
+from pocket import domain
 from replay.synthetic import synthetic_group
 from rollout_workers.simulated import preset_geometry
 

@@ -14,7 +14,7 @@ from controller.config import load_config
 from learner.checkpoint import checkpoint_dir
 from learner.learner_actor import Learner
 from policy.lora import ADAPTER_WEIGHTS_FILE, export_adapter_state
-from policy.pocket import domain
+from pocket import domain
 from replay import open_store
 from reward_service.result import RewardResult
 from rollout_workers.delivery import deliver_group

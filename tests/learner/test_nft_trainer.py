@@ -23,8 +23,8 @@ from learner.nft import DynamicReferenceController
 from learner.nft_trainer import OLD_ADAPTER, REFERENCE_ADAPTER, NftTrainer, nft_window
 from learner.updates import AdapterSwitch, NftAdapters, RollingContext, nft_group_update
 from policy.lora import PEFT_KEY_PREFIX, attach_adapter, export_adapter_state, import_adapter_state
-from policy.pocket import domain
-from policy.pocket.preset import new_transformer, policy_from_transformer, save_pocket_weights
+from pocket import domain
+from pocket.preset import new_transformer, policy_from_transformer, save_pocket_weights
 from policy.presets import build_policy
 from reward_service.result import RewardResult
 from rollout_workers.produce import produce_group

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from policy.pocket import domain
-from policy.pocket.codec import PocketCodec
-from policy.pocket.preset import fit_pocket_codec, pocket_text_encoder
+from pocket import domain
+from pocket.codec import PocketCodec
+from pocket.preset import fit_pocket_codec, pocket_text_encoder
 
 
 @pytest.fixture(scope="module")

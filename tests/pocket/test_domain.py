@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from policy.pocket import domain
-from policy.pocket.domain import PromptSpec, parse_prompt
+from pocket import domain
+from pocket.domain import PromptSpec, parse_prompt
 
 
 def test_every_prompt_parses_back_to_its_spec():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from policy.pocket import domain
-from policy.pocket.distill import first_step_imle_loss, later_steps_chain_loss, nearest_alternatives
-from policy.pocket.teacher import continuation_sets
+from pocket import domain
+from pocket.distill import first_step_imle_loss, later_steps_chain_loss, nearest_alternatives
+from pocket.teacher import continuation_sets
 
 
 class _OffsetFlow(torch.nn.Module):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from policy.pocket import domain, load_pocket_policy
-from policy.pocket.fork_spread import fork_spread
+from pocket import domain, load_pocket_policy
+from experiments.pocket_studies.fork_spread import fork_spread
 from reward_service import build_reward
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from policy.pocket import corruptions, domain, ood_metric
+from pocket import corruptions, domain, ood_metric
 
 PROMPTS = domain.heldout_prompts()[::2]  # 36 prompts
 

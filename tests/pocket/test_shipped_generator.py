@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from policy.noise_plan import NoisePlan
-from policy.pocket import domain, evaluate, sample, verifiers
-from policy.pocket.entropy import noise_entropy_table
-from policy.pocket.generation import generate_videos
-from policy.pocket.preset import WEIGHTS_DIR, load_pocket_policy
+from pocket import domain, sample, verifiers
+from experiments.pocket_studies import baseline as evaluate
+from experiments.pocket_studies.entropy import noise_entropy_table
+from policy.generation import generate_videos
+from pocket.preset import WEIGHTS_DIR, load_pocket_policy
 from policy.presets import get_preset
 from policy.rollout import generate
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from policy.pocket import domain, load_pocket_policy
-from policy.pocket.preset import fit_pocket_codec
-from policy.pocket.step_readout import markdown, step_readout
+from pocket import domain, load_pocket_policy
+from pocket.preset import fit_pocket_codec
+from experiments.pocket_studies.step_readout import markdown, step_readout
 from policy.sampler import SamplerConfig
 
 PROMPTS = domain.train_prompts()[:2]

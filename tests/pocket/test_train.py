@@ -7,15 +7,15 @@ import json
 import numpy as np
 import torch
 
-from policy.pocket import domain, preset, train, verifiers
-from policy.pocket.distill import (
+from pocket import domain, preset, train, verifiers
+from pocket.distill import (
     empirical_flow_choice,
     empirical_posterior_mean,
     ode_regression_loss,
     shifted_sigmas,
     start_as_identity_flow,
 )
-from policy.pocket.teacher import make_ode_pairs, pair_noise
+from pocket.teacher import make_ode_pairs, pair_noise
 from policy.sampler import SamplerConfig
 from policy.transformer_causal_wan import CausalWanTransformer3DModel
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from policy.pocket import corruptions, domain, verifiers
+from pocket import corruptions, domain, verifiers
 from reward_service.base import Video
 from reward_service.registry import build_reward
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import requests
 
-from policy.pocket import domain
+from pocket import domain
 from reward_service.base import Video
 from reward_service.registry import build_reward
 from reward_service.scoring import score_isolated

@@ -1,8 +1,8 @@
 """Write sample videos (MP4 or GIF) and a contact-sheet PNG for a list of prompts.
 
-    python -m policy.pocket.sample --out samples/                       # a few held-out prompts
-    python -m policy.pocket.sample --prompts "two red circles moving left on a dark background" --out samples/
-    python -m policy.pocket.sample --real --out samples/real            # the domain's own videos, for comparison
+    python -m pocket.sample --out samples/                       # a few held-out prompts
+    python -m pocket.sample --prompts "two red circles moving left on a dark background" --out samples/
+    python -m pocket.sample --real --out samples/real            # the domain's own videos, for comparison
 
 Videos are upscaled (nearest neighbour, ``--zoom``) so 32x32 frames are viewable. The contact sheet
 has one row per video (frames evenly spaced about ``--every`` apart, first and last included) with the prompt and the verifier scores above it.
@@ -26,7 +26,7 @@ def slug(text: str, limit: int = 60) -> str:
 
 
 def default_prompts() -> list[str]:
-    from policy.pocket import domain
+    from pocket import domain
 
     return domain.heldout_prompts()[::7]
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=2, help="about this many frames between the contact sheet's evenly spaced frames")
     args = parser.parse_args(argv)
 
-    from policy.pocket import domain, verifiers
+    from pocket import domain, verifiers
 
     prompts = [p for p in (args.prompts or default_prompts()) for _ in range(args.per_prompt)]
     for p in dict.fromkeys(prompts):
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         videos = list(domain.generate_batch(prompts, seeds))
         fps = domain.FPS
     else:
-        from policy.pocket.generation import generate_videos
-        from policy.pocket.preset import WEIGHTS_DIR, load_pocket_policy
+        from policy.generation import generate_videos
+        from pocket.preset import WEIGHTS_DIR, load_pocket_policy
 
         policy = load_pocket_policy(args.weights or WEIGHTS_DIR)
         videos = list(policy.decode(generate_videos(policy, prompts, seeds)))

@@ -1,18 +1,18 @@
 """Train the pocket generator on CPU: exact-flow teacher ODE pairs -> 4-step causal student -> first step by IMLE.
 
-    python -m policy.pocket.train --out w/              # all three stages, ~28 min (docs/pocket.md: this run, the shipped one)
-    python -m policy.pocket.train --out /tmp/pocket --ode-pairs 16 --student-steps 20 --imle-steps 10
+    python -m pocket.train --out w/              # all three stages, ~28 min (docs/pocket.md: this run, the shipped one)
+    python -m pocket.train --out /tmp/pocket --ode-pairs 16 --student-steps 20 --imle-steps 10
 
 Stage 1 draws ODE pairs (initial noise -> real domain video) from the exact probability-flow teacher
-of ``policy.pocket.teacher``; stage 2 trains the block-causal student by ODE-trajectory regression at
-Self-Forcing's four timesteps (``policy.pocket.distill.ode_regression_loss``); stage 3, at the pocket
+of ``pocket.teacher``; stage 2 trains the block-causal student by ODE-trajectory regression at
+Self-Forcing's four timesteps (``pocket.distill.ode_regression_loss``); stage 3, at the pocket
 sampler's timesteps, retrains the first step so that its output depends on the chunk's initial noise
-(``policy.pocket.distill.first_step_imle_loss`` on real alternatives of each chunk) while the later steps
+(``pocket.distill.first_step_imle_loss`` on real alternatives of each chunk) while the later steps
 keep the regression loss and, in its last ``--chain-steps`` updates, learn to carry out the first step's
-choice on the student's own chain (``policy.pocket.distill.later_steps_chain_loss``). Every random draw comes
+choice on the student's own chain (``pocket.distill.later_steps_chain_loss``). Every random draw comes
 from ``--seed`` (pairs, initial weights, batches), so the command is reproducible on one machine (CPU
 kernels may differ in the last bits across machines). The architecture and geometry are in
-``policy.pocket.preset``.
+``pocket.preset``.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from policy.pocket import domain, preset
-from policy.pocket.codec import PocketCodec
-from policy.pocket.distill import (
+from pocket import domain, preset
+from pocket.codec import PocketCodec
+from pocket.distill import (
     first_step_predictions,
     imle_loss,
     later_steps_chain_loss,
@@ -42,7 +42,7 @@ from policy.pocket.distill import (
     ode_regression_loss,
     start_as_identity_flow,
 )
-from policy.pocket.teacher import OdePairs, continuation_sets, make_ode_pairs, pair_noise
+from pocket.teacher import OdePairs, continuation_sets, make_ode_pairs, pair_noise
 from policy.sampler import SamplerConfig
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""ODE pairs from the exact empirical-flow teacher (see ``policy.pocket.distill``), chunk by chunk.
+"""ODE pairs from the exact empirical-flow teacher (see ``pocket.distill``), chunk by chunk.
 
 For a prompt and an initial noise ``[L * f, C, H, W]``: chunk 0 chooses, through the probability-flow
 ODE, one of ``candidates[0]`` scenes of the prompt (a bank shared by the prompt's pairs); each later
@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from policy.pocket import domain
-from policy.pocket.codec import PocketCodec
-from policy.pocket.distill import empirical_flow_choice
-from policy.pocket.domain import SceneParams
+from pocket import domain
+from pocket.codec import PocketCodec
+from pocket.distill import empirical_flow_choice
+from pocket.domain import SceneParams
 
 
 @dataclass(frozen=True)

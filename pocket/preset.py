@@ -1,7 +1,7 @@
 """The pocket preset: the block-causal Wan transformer at a tiny size, with the pocket codec and text encoder.
 
 ``load_pocket_policy()`` returns a ready :class:`StreamingVideoPolicy` with the shipped weights
-(``policy/pocket/weights/``: diffusers ``config.json`` + ``diffusion_pytorch_model.safetensors``, the
+(``pocket/weights/``: diffusers ``config.json`` + ``diffusion_pytorch_model.safetensors``, the
 codec's ``codec.safetensors``, and ``pocket.json`` with the geometry and the training record).
 
 Geometry: 16 frames of 32x32 RGB at 8 fps -> latents ``[8, 16, 8, 8]`` -> 4 chunks of 2 latent frames,
@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from policy.pipeline import StreamingVideoPolicy
-from policy.pocket import domain
-from policy.pocket.codec import CODEC_FILE, PocketCodec, fit_codec
-from policy.pocket.text_encoder import PocketTextEncoder
+from pocket import domain
+from pocket.codec import CODEC_FILE, PocketCodec, fit_codec
+from pocket.text_encoder import PocketTextEncoder
 from policy.presets import PolicyPreset, register_preset
 from policy.sampler import SamplerConfig
 from policy.transformer_causal_wan import CausalWanTransformer3DModel
@@ -52,7 +52,7 @@ POCKET_TRANSFORMER: dict[str, Any] = {
 }
 LATENT_SHAPE = (16, 8, 8)
 # Self-Forcing's shift 5 puts the second step at sigma 0.94, where a 16-token frame keeps too little of the
-# first step's prediction to follow it (``policy.pocket.step_readout``); the resolution-dependent shift rule
+# first step's prediction to follow it (``experiments.pocket_studies.step_readout``); the resolution-dependent shift rule
 # (shift ~ sqrt(tokens)) scales 5 at 1560 tokens per latent frame to ~0.5 at 16. At 0.5 one re-noise draw
 # still moved the output by 6-15 % (the steps after the first are imperfect denoisers that pass part of
 # their input noise through); at 0.08 the later steps see sigma 0.19 / 0.07 / 0.03, so they refine the
@@ -79,19 +79,28 @@ def pocket_text_encoder() -> PocketTextEncoder:
     return PocketTextEncoder(dim=TEXT_DIM, max_tokens=TEXT_TOKENS)
 
 
+def _load_for_config(weights: str | Path | None, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> StreamingVideoPolicy:
+    """The preset's loader: a run's ``policy.transformer_checkpoint`` names a weights directory, else the shipped one."""
+    return load_pocket_policy(weights or WEIGHTS_DIR, device=device, dtype=dtype)
+
+
 POCKET_PRESET = register_preset(
     PolicyPreset(
         name="pocket",
         description=(
             "pocket world: tiny block-causal Wan (dim 128, 4 layers) on 16x32x32 synthetic videos, "
-            "4 chunks of 2 latent frames; load with policy.pocket.load_pocket_policy()"
+            "4 chunks of 2 latent frames; load with pocket.load_pocket_policy()"
         ),
         transformer=POCKET_TRANSFORMER,
         frames_per_chunk=FRAMES_PER_CHUNK,
         num_chunks=NUM_CHUNKS,
         latent_shape=LATENT_SHAPE,
         sampler=SamplerConfig(shift=POCKET_SHIFT),
-    )
+        fps=domain.FPS,
+        ood_metric="pocket_fvd",
+    ),
+    loader=_load_for_config,
 )
 
 
@@ -131,7 +140,7 @@ def policy_from_transformer(
 def read_pocket_record(weights_dir: str | Path = WEIGHTS_DIR) -> dict[str, Any]:
     path = Path(weights_dir) / POCKET_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: train the pocket generator with `python -m policy.pocket.train`")
+        raise FileNotFoundError(f"{path} not found: train the pocket generator with `python -m pocket.train`")
     return json.loads(path.read_text())
 
 
@@ -148,7 +157,7 @@ def load_pocket_policy(
     record = read_pocket_record(weights_dir)
     weights = weights_dir / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found: train the pocket generator with `python -m policy.pocket.train`")
+        raise FileNotFoundError(f"{weights} not found: train the pocket generator with `python -m pocket.train`")
     config = json.loads((weights_dir / "config.json").read_text())
     arch = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in POCKET_TRANSFORMER}
     if arch != POCKET_TRANSFORMER:

@@ -1,14 +1,14 @@
 """Baseline scores of the pocket generator and of real domain videos; writes results/pocket_baseline.md.
 
-    python -m policy.pocket.evaluate                       # shipped weights, 2 videos per held-out prompt
-    python -m policy.pocket.evaluate --weights DIR --out results/other.md
+    python -m experiments.pocket_studies.baseline                       # shipped weights, 2 videos per held-out prompt
+    python -m experiments.pocket_studies.baseline --weights DIR --out results/other.md
 
 Rows: real domain videos, the same videos encoded and decoded by the codec (what a perfect generator
 in its latent space would show), the generator on the 72 held-out prompts (unseen colour/shape/direction
 combinations) and on 72 training prompts, and two corrupted copies of the real videos that calibrate
 the out-of-domain metric. Columns: the verifier heads (mean over videos, std in brackets),
 their sum (VideoAlign's "Overall"), and FVD-p, the Frechet distance to real videos of the same prompts
-(``policy.pocket.ood_metric``; lower is better). Then every verifier term, and the noise-entropy table.
+(``pocket.ood_metric``; lower is better). Then every verifier term, and the noise-entropy table.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 
 
 def score_set(videos: list[np.ndarray], prompts: list[str]) -> dict:
-    from policy.pocket import ood_metric, verifiers
+    from pocket import ood_metric, verifiers
 
     terms = [verifiers.score_terms(v, p) for v, p in zip(videos, prompts)]
     heads = {h: np.array([np.mean(list(t[h].values())) for t in terms]) for h in verifiers.HEADS}
@@ -57,7 +57,7 @@ def render_report(rows: dict[str, dict], header: str, entropy_md: str | None) ->
     if entropy_md:
         lines += ["", "## Where the randomness lives (Figure 6 study)", "",
                   "Each cell: replace exactly one random draw of a frozen rollout and measure the output's change",
-                  "from that chunk on. Command: `python -m policy.pocket.entropy --preset pocket`.", "", entropy_md]
+                  "from that chunk on. Command: `python -m experiments.pocket_studies.entropy --preset pocket`.", "", entropy_md]
     return "\n".join(lines) + "\n"
 
 
@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="results/pocket_baseline.md")
     args = parser.parse_args(argv)
 
-    from policy.pocket import corruptions, domain
-    from policy.pocket.entropy import noise_entropy_table
-    from policy.pocket.generation import generate_videos
-    from policy.pocket.preset import WEIGHTS_DIR, load_pocket_policy, read_pocket_record
+    from pocket import corruptions, domain
+    from experiments.pocket_studies.entropy import noise_entropy_table
+    from policy.generation import generate_videos
+    from pocket.preset import WEIGHTS_DIR, load_pocket_policy, read_pocket_record
 
     start = time.perf_counter()
     weights = Path(args.weights or WEIGHTS_DIR)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     header = "\n".join([
         "# Pocket world baseline",
         "",
-        "Written by `python -m policy.pocket.evaluate` (do not edit by hand).",
+        "Written by `python -m experiments.pocket_studies.baseline` (do not edit by hand).",
         "",
         f"- weights: `{weights.name}/diffusion_pytorch_model.safetensors` sha256 `{digest}`",
         f"- held-out prompts: {len(domain.heldout_prompts())} x {args.per_prompt} videos; noise seeds 0..{len(seeds) - 1} "

@@ -11,8 +11,8 @@ used after denoising step ``k`` of chunk ``c``. The change of the output from fr
 averaged over seeds. A near-deterministic few-step model (the paper's claim for Self-Forcing) shows
 large changes for the initial noise and small ones for every re-noise draw.
 
-    python -m policy.pocket.entropy --preset pocket --seeds 8
-    python -m policy.pocket.entropy --preset self-forcing-1.3b --checkpoint-path ... --text-encoder-path ... \
+    python -m experiments.pocket_studies.entropy --preset pocket --seeds 8
+    python -m experiments.pocket_studies.entropy --preset self-forcing-1.3b --checkpoint-path ... --text-encoder-path ... \
         --vae-path ... --device cuda --prompts "a red fox running through snow"
 """
 
@@ -62,7 +62,7 @@ def _change(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 @torch.no_grad()
 def noise_entropy_table(policy, prompts: list[str], seeds: list[int], fresh_offset: int = 1_000_003) -> EntropyTable:
     """The study for ``policy`` (any ``StreamingVideoPolicy``); prompt ``i % len(prompts)`` for seed ``i``."""
-    from policy.pocket.generation import generate_from_noise, plans_for_seeds, text_for
+    from policy.generation import generate_from_noise, plans_for_seeds, text_for
 
     chunks, steps, f = policy.num_chunks, policy.num_steps, policy.frames_per_chunk
     initial_acc = np.zeros((chunks, 2))
@@ -107,12 +107,11 @@ def noise_entropy_table(policy, prompts: list[str], seeds: list[int], fresh_offs
 
 
 def load_policy(args) -> object:
-    if args.preset == "pocket":
-        from policy.pocket.preset import WEIGHTS_DIR, load_pocket_policy
+    from policy.presets import build_policy, get_preset, preset_loader
 
-        return load_pocket_policy(args.weights or WEIGHTS_DIR, device=args.device)
-    from policy.presets import build_policy, get_preset
-
+    loader = preset_loader(args.preset)
+    if loader is not None:  # a preset with its own weights format (the pocket world's)
+        return loader(args.weights, device=args.device)
     preset = get_preset(args.preset)
     paths = {k: getattr(args, k) for k in ("checkpoint_path", "text_encoder_path", "vae_path", "lora_path") if getattr(args, k)}
     return build_policy(preset.with_paths(**paths) if paths else preset, device=args.device)
@@ -121,7 +120,7 @@ def load_policy(args) -> object:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="pocket")
-    parser.add_argument("--weights", default=None, help="pocket weights directory (pocket preset only)")
+    parser.add_argument("--weights", default=None, help="weights directory of a preset with its own loader (the pocket preset)")
     parser.add_argument("--checkpoint-path", default=None)
     parser.add_argument("--text-encoder-path", default=None)
     parser.add_argument("--vae-path", default=None)
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.prompts is None:
-        from policy.pocket import domain
+        from pocket import domain
 
         args.prompts = domain.heldout_prompts()[::5]
     policy = load_policy(args)

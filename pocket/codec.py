@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from policy.pocket import domain
+from pocket import domain
 
 CODEC_FILE = "codec.safetensors"
 
@@ -123,7 +123,7 @@ class PocketCodec:
 
         path = Path(directory) / CODEC_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: the pocket codec is written by `python -m policy.pocket.train`")
+            raise FileNotFoundError(f"{path} not found: the pocket codec is written by `python -m pocket.train`")
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}

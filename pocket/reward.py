@@ -9,7 +9,7 @@ from reward_service.registry import register_reward
 
 
 class PocketVerifierReward(RewardModel):
-    """Deterministic verifiers of `policy.pocket.verifiers`, computed on CPU from decoded frames.
+    """Deterministic verifiers of `pocket.verifiers`, computed on CPU from decoded frames.
 
     A video the verifiers cannot score (a prompt outside the pocket grammar, frames of the wrong
     shape) is NaN in every head, so the pool marks it invalid with the reason logged here.
@@ -18,7 +18,7 @@ class PocketVerifierReward(RewardModel):
     name = "pocket"
 
     def __init__(self) -> None:
-        from policy.pocket import verifiers
+        from pocket import verifiers
 
         self._verifiers = verifiers
         self.heads = verifiers.HEADS

@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from policy.pocket import domain
-from policy.pocket.domain import PromptSpec, Scene, parse_prompt, render_scene, sample_scene
+from pocket import domain
+from pocket.domain import PromptSpec, Scene, parse_prompt, render_scene, sample_scene
 
 
 def _scene(prompt: str, seed: int) -> Scene:

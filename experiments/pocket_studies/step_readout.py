@@ -11,7 +11,7 @@ fed what ODE-trajectory regression trains it on: ``x = (1 - sigma_k) E + sigma_k
   variance across scenes. A large spread at a step means that step's noise, not the scene, sets
   the output: where the sampler's re-noise draws take over from the chunk's initial noise.
 
-    python -m policy.pocket.step_readout
+    python -m experiments.pocket_studies.step_readout
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from policy.pipeline import StreamingVideoPolicy
-from policy.pocket import domain
+from pocket import domain
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def markdown(rows: list[StepReadout]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from policy.pocket import load_pocket_policy
+    from pocket import load_pocket_policy
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=None, help="pocket weights directory (default: the shipped weights)")

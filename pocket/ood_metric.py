@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from policy.pocket import domain
+from pocket import domain
 
 FEATURE_SEED = 1234
 REFERENCE_SEED_BASE = 1_000_000

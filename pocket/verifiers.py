@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policy.pocket import domain
-from policy.pocket.domain import PromptSpec, parse_prompt
+from pocket import domain
+from pocket.domain import PromptSpec, parse_prompt
 
 HEADS = ("VQ", "MQ", "TA")
 PALETTE = np.asarray(list(domain.COLOURS.values()), dtype=np.float64) / 255.0

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from policy.pocket import domain
+from pocket import domain
 
 
 class PocketTextEncoder:

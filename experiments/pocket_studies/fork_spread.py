@@ -6,7 +6,7 @@ within-group standard deviation, for AR-CoPO's fork (the pivot chunk's initial n
 advantages are normalised by this spread, so where it is tiny they rank branches by small
 differences of the verifiers.
 
-    python -m policy.pocket.fork_spread --groups 24
+    python -m experiments.pocket_studies.fork_spread --groups 24
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def fork_spread(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from policy.pocket import domain, load_pocket_policy
+    from pocket import domain, load_pocket_policy
     from reward_service import build_reward
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

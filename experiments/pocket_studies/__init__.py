@@ -1,0 +1,1 @@
+"""Studies on the pocket world behind docs/pocket.md and the Figure 6 experiment: `entropy` (where the randomness lives), `fork_spread` (reward spread inside forked groups), `step_readout` (how much of a real chunk each denoising step reads)."""
