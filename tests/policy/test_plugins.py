@@ -48,7 +48,7 @@ def test_a_preset_loader_loads_the_shipped_weights_when_no_directory_is_given():
 def test_production_packages_import_no_plugin_until_a_registry_asks():
     code = (
         "import sys\n"
-        "import controller.driver, controller.merge, controller.evaluation, learner.policy_factory, "
+        "import controller.driver, controller.merge, controller.evaluation, policy.factory, "
         "rollout_workers.worker, reward_service.registry, policy.presets\n"
         "assert not [m for m in sys.modules if m == 'pocket' or m.startswith('pocket.')], 'pocket imported'\n"
         "policy.presets.get_preset('pocket')\n"
