@@ -62,9 +62,15 @@ def eval_latents(
     return generate(policy, text, noise_plan_for(policy, seed)).latents
 
 
-def decode_videos(policy: StreamingVideoPolicy, latents: torch.Tensor) -> list[Video]:
-    frames = policy.decode(latents)
-    return [Video(np.ascontiguousarray(frames[i]), policy.fps) for i in range(frames.shape[0])]
+def decode_videos(policy: StreamingVideoPolicy, latents: torch.Tensor, batch_size: int | None = None) -> list[Video]:
+    """Each video's frames, decoded `batch_size` videos at a time (None: all at once). The VAE's
+    activations grow with the batch: at 480p, 12 videos at once need ~49 GiB, one ~4 GiB."""
+    step = batch_size or len(latents)
+    videos = []
+    for lo in range(0, len(latents), step):
+        frames = policy.decode(latents[lo : lo + step])
+        videos += [Video(np.ascontiguousarray(f), policy.fps) for f in frames]
+    return videos
 
 
 def make_record(
@@ -107,12 +113,13 @@ def produce_group(
     score: ScoreFn,
     heads: tuple[str, ...],
     branch_batch_size: int | None = None,
+    decode_batch_size: int | None = None,
 ) -> ProducedGroup:
     """Fork at the task's pivot, complete every branch, decode each once, score, build the record."""
     t0 = time.perf_counter()
     rollout = fork_group(policy, task, branch_batch_size)
     t1 = time.perf_counter()
-    videos = decode_videos(policy, rollout.latents)
+    videos = decode_videos(policy, rollout.latents, decode_batch_size)
     t2 = time.perf_counter()
     results = score(videos, [task.prompt] * len(videos))
     if len(results) != len(videos):

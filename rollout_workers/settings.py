@@ -19,6 +19,8 @@ class RolloutSettings(Section):
     # Custom node resources each worker asks for, to pin it to its node group (deploy/: {"rollout_gpu": 1}).
     resources: dict[str, Real] = Field(default_factory=dict)
     branch_batch_size: Int | None = Field(None, ge=1)
+    # Videos decoded at once (None: a whole group): the VAE decode's memory grows with it.
+    decode_batch_size: Int | None = Field(None, ge=1)
     # "pocket:train" / "pocket:heldout" name the pocket prompt sets; anything else is a text file, one prompt a line.
     prompts: str = "pocket:train"
     eval_prompts: str = "pocket:heldout"

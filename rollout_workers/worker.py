@@ -75,7 +75,8 @@ class RolloutWorker:
         return remote_score(self.reward_server, videos, prompts)
 
     def produce(self, task: RolloutTask) -> GroupSummary:
-        produced = produce_group(self.policy, task, self.version, self._score, self.heads, self.settings.rollout.branch_batch_size)
+        produced = produce_group(self.policy, task, self.version, self._score, self.heads,
+                                 self.settings.rollout.branch_batch_size, self.settings.rollout.decode_batch_size)
         group = produced.group
         t0 = time.perf_counter()
         stored, reason = deliver_group(self.store, group, task.destination, self.min_valid)
