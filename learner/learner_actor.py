@@ -42,11 +42,8 @@ from learner.checkpoint import (
 from learner.config import Config
 from learner.group_validation import GroupRejected, PolicyGeometry, check_group
 from learner.nonfinite_guard import NonFiniteGuard
-from learner.micro_batches import copo_group_backward, sde_grpo_group_backward
-from learner.nft_trainer import CHECKPOINT_ADAPTERS, NftTrainer
-from learner.objectives import sample_anchors
+from learner.objectives import make_objective
 from learner.policy_factory import add_adapter, build_configured_policy
-from learner.updates import GroupLoss
 from policy.lora import export_adapter_state
 from replay import Delivery, ReplayUnavailableError, StoreLostError, open_store
 from replay.record import CandidateGroup
@@ -65,8 +62,9 @@ class Learner:
         add_adapter(self.policy, self.adapter, self.config.lora)
         self.params = [p for p in self.policy.transformer.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=alg.learning_rate, weight_decay=alg.weight_decay)
-        # NFT keeps an EMA "old" adapter (the sampling policy, what is broadcast) and a reference adapter.
-        self.nft = NftTrainer(self.policy, self.adapter, alg, self.config.reward, self.config.run.seed) if alg.objective == "nft" else None
+        self.anchor_rng = torch.Generator().manual_seed(self.config.run.seed + 1)
+        # Chosen once here; NFT adds an EMA "old" adapter (the sampling policy, what is broadcast) and a reference adapter.
+        self.objective = make_objective(self.policy, self.adapter, alg, self.config.reward, self.config.run.seed, self.anchor_rng)
         self.geometry = PolicyGeometry.of(self.policy, self.config)
         # Records larger than the largest group this policy can use are refused before they are read.
         self.store = open_store(store_url, max_record_bytes=self.geometry.max_record_bytes())
@@ -78,7 +76,6 @@ class Learner:
         self.consumer = consumer
         self.version = 0
         self.iteration = 0
-        self.anchor_rng = torch.Generator().manual_seed(self.config.run.seed + 1)
         self.buffer_rng = np.random.default_rng(self.config.run.seed + 2)
         self.unacked: list[Delivery] = []  # applied, waiting for the next checkpoint
         self.applied_since_checkpoint: list[str] = []
@@ -98,8 +95,7 @@ class Learner:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The sampling policy's adapter tensors (the trained adapter, or NFT's old adapter) in the workers'
         dtype: the learner keeps them in float32, a worker computes in `policy.dtype`."""
-        name = self.nft.sampling_adapter if self.nft else self.adapter
-        return export_adapter_state(self.policy.transformer, name, dtype=self.policy.dtype)
+        return export_adapter_state(self.policy.transformer, self.objective.sampling_adapter, dtype=self.policy.dtype)
 
     def publish(self) -> tuple[int, int]:
         """Put the current adapter in the object store once; returns (version, bytes)."""
@@ -181,52 +177,25 @@ class Learner:
         return torch.from_numpy(adv)
 
     # ------------------------------------------------------------------ update
-    def _group_backward(self, group: CandidateGroup, adv: torch.Tensor, loss_scale: float) -> GroupLoss:
-        """Back-propagate `loss_scale` x the group's loss (in micro-batches when configured); returns the loss."""
-        alg, micro = self.config.algorithm, self.config.algorithm.micro_batch_size
-        valid = torch.nonzero(group.reward_valid).flatten()
-        if alg.objective == "copo":
-            pick = sample_anchors(len(valid), min(alg.anchors_per_group, len(valid)), self.anchor_rng)
-            return copo_group_backward(self.policy, group, adv, valid[pick], alg.tau, alg.effective_clip_eps, micro, loss_scale)
-        if alg.objective == "sde_grpo":  # re-noise forks only: checked at the door (group_validation)
-            return sde_grpo_group_backward(self.policy, group, adv, valid, alg.effective_clip_eps, alg.sde_eta, micro, loss_scale)
-        raise NotImplementedError(f"objective {alg.objective!r} is trained by its own learner")
-
     def train_groups(self, groups: list[CandidateGroup]) -> dict:
         """`updates_per_iteration` optimiser steps over `groups`; returns the iteration's statistics."""
-        alg = self.config.algorithm
         advantages = [self._advantages(g) for g in groups]
         usable = [(g, a) for g, a in zip(groups, advantages) if bool(a.abs().sum() > 0)]
-        if self.nft is not None:
-            self.policy.transformer.train()
-            stats = self.nft.train(usable, self.optimizer, self.params, self._guarded_step)
-            self.policy.transformer.eval()
-            heads = list(self.config.reward.weights)
-            per_head = {h: _mean([float(g.rewards[h][g.reward_valid].mean()) for g in groups if g.reward_valid.any()]) for h in heads}
-            return {"groups": len(groups), "groups_without_signal": len(groups) - len(usable), "group_reward_means": per_head, **stats}
-        losses, clip_fracs, deviations, grad_norms = [], [], [], []
         self.policy.transformer.train()
-        for _ in range(alg.updates_per_iteration if usable else 0):
-            self.optimizer.zero_grad(set_to_none=True)
-            step_losses = []
-            for group, adv in usable:
-                out = self._group_backward(group, adv, loss_scale=1 / len(usable))
-                step_losses.append(float(out.loss))
-                clip_fracs.append(out.clip_fraction)
-                deviations.append(out.ratio_deviation)
-            losses.append(sum(step_losses) / len(step_losses))
-            grad_norms.append(self._guarded_step(losses[-1], [g.group_id for g, _ in usable])[1])
+        step = self.objective.train_step(usable, self.optimizer, self.params, self._guarded_step)
         self.policy.transformer.eval()
         heads = list(self.config.reward.weights)
         per_head = {h: _mean([float(g.rewards[h][g.reward_valid].mean()) for g in groups if g.reward_valid.any()]) for h in heads}
+        no_ratio = math.nan  # NFT has no ratio and no clip
         return {
             "groups": len(groups),
             "groups_without_signal": len(groups) - len(usable),
-            "loss": _mean(losses),
-            "clip_fraction": _mean(clip_fracs),
-            "ratio_max_deviation": max(deviations, default=0.0),
-            "grad_norm": _mean(grad_norms),
+            "loss": step.loss,
+            "clip_fraction": no_ratio if step.clip_fraction is None else step.clip_fraction,
+            "ratio_max_deviation": no_ratio if step.ratio_max_deviation is None else step.ratio_max_deviation,
+            "grad_norm": step.grad_norm,
             "group_reward_means": per_head,
+            **step.objective_stats,
         }
 
     def _guarded_step(self, loss: float, group_ids: list[str]) -> tuple[bool, float]:
@@ -279,11 +248,11 @@ class Learner:
             # What this checkpoint applied but has not acked yet: a restore acks these exactly.
             "unacked": [{"group_id": d.group_id, "entry_id": d.entry_id, "consumer": d.consumer, "handle": d.handle}
                         for d in self.unacked],
-            **({"nft": self.nft.state_dict()} if self.nft else {}),
+            **({self.objective.name: objective_state} if (objective_state := self.objective.state_dict()) else {}),
             **(extra or {}),
         }
         path = save_learner_checkpoint(self.checkpoint_root, self.iteration, self.policy.transformer, self.adapter, self.optimizer, state,
-                                       extra_adapters=CHECKPOINT_ADAPTERS if self.nft else None)
+                                       extra_adapters=self.objective.checkpoint_adapters)
         for d in self.unacked:
             self.store.ack(d)
         self.unacked.clear()
@@ -294,9 +263,8 @@ class Learner:
         """Load the newest checkpoint; returns its state (the driver's part included)."""
         path = latest_checkpoint(self.checkpoint_root)
         state = load_learner_checkpoint(path, self.policy.transformer, self.adapter, self.optimizer,
-                                        extra_adapters=CHECKPOINT_ADAPTERS if self.nft else None)
-        if self.nft is not None:
-            self.nft.load_state_dict(state.get("nft", {}))
+                                        extra_adapters=self.objective.checkpoint_adapters)
+        self.objective.load_state_dict(state.get(self.objective.name, {}))
         self.iteration, self.version = int(state["iteration"]), int(state["policy_version"])
         self.restored_applied = set(state["applied_group_ids"])
         self._check_applied_set(int(state["iteration"]))
