@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -36,6 +36,7 @@ class StepStats:
     objective_stats: dict[str, float | bool] = field(default_factory=dict)
 
 
+@runtime_checkable
 class Objective(Protocol):
     """A training objective inside the learner actor, chosen once from `algorithm.objective`."""
 

@@ -310,7 +310,7 @@ def test_invalid_settings_are_refused(pocket):
         _trainer(policy, mode="semi_on_policy")
     with pytest.raises(ValueError, match="nft_selective_reg"):
         NftObjective(policy, "trained", AlgorithmSettings(objective="nft", nft_selective_reg=True),
-                   RewardSettings(weights={"TA": 1.0}), seed=0)
+                     RewardSettings(weights={"TA": 1.0}), seed=0)
 
 
 def _learner(weights, tmp_path, name: str) -> Learner:
