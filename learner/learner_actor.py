@@ -182,7 +182,7 @@ class Learner:
         advantages = [self._advantages(g) for g in groups]
         usable = [(g, a) for g, a in zip(groups, advantages) if bool(a.abs().sum() > 0)]
         self.policy.transformer.train()
-        step = self.objective.train_step(usable, self.optimizer, self.params, self._guarded_step)
+        step = self.objective.train_step(usable, self.optimizer, self._guarded_step)
         self.policy.transformer.eval()
         heads = list(self.config.reward.weights)
         per_head = {h: _mean([float(g.rewards[h][g.reward_valid].mean()) for g in groups if g.reward_valid.any()]) for h in heads}

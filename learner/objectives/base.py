@@ -44,7 +44,7 @@ class Objective(Protocol):
     sampling_adapter: str  # the adapter rollouts sample with: what the learner broadcasts
     checkpoint_adapters: dict[str, str]  # extra adapters a checkpoint saves: directory -> adapter name
 
-    def train_step(self, groups: list[GroupWithAdvantages], optimizer: torch.optim.Optimizer, params: list,
+    def train_step(self, groups: list[GroupWithAdvantages], optimizer: torch.optim.Optimizer,
                    guarded_step: GuardedStep) -> StepStats:
         """`algorithm.updates_per_iteration` optimiser steps over `groups`, each through `guarded_step`."""
         ...

@@ -259,7 +259,7 @@ class CopoObjective:
         return copo_group_backward(self.policy, group, adv, valid[pick], alg.tau, alg.effective_clip_eps,
                                    alg.micro_batch_size, loss_scale)
 
-    def train_step(self, groups: list[GroupWithAdvantages], optimizer: torch.optim.Optimizer, params: list,
+    def train_step(self, groups: list[GroupWithAdvantages], optimizer: torch.optim.Optimizer,
                    guarded_step: GuardedStep) -> StepStats:
         return train_on_groups(groups, optimizer, self.alg.updates_per_iteration, self.group_backward, guarded_step)
 

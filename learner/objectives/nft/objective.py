@@ -157,7 +157,7 @@ class NftObjective:
             draws.append((float(t), torch.randn((branches, f, *shape), generator=self.generator)))
         return draws
 
-    def train_step(self, groups: list[GroupWithAdvantages], optimizer: torch.optim.Optimizer, params: list,
+    def train_step(self, groups: list[GroupWithAdvantages], optimizer: torch.optim.Optimizer,
                    guarded_step: GuardedStep) -> StepStats:
         """One iteration (an Astrolabe epoch) on `(group, advantages [G])` pairs that carry a signal."""
         copied = self.begin_epoch()
