@@ -34,6 +34,7 @@ from learner.config import Config, ConfigError, check_reward_settings, dump_conf
 from controller.run_dir import ResumeError, adopt, find_resume_point, refuse_earlier_run, write_config_records
 from controller.run_log import MetricsLog, RedactingFilter, plot_reward_curves
 from controller.system import LearnerRestored, System
+from learner.messages import DriverState, UpdateStats
 from controller.task_sampler import TaskSampler, eval_set, load_prompts
 from controller.trackers import Media, Trackers
 from policy.pocket.domain import FPS as POCKET_FPS
@@ -90,7 +91,7 @@ def train(
         system = System.start(config, output, **system_options)
         start = 0
         if point is not None:
-            start = int(system.restore()["iteration"])
+            start = system.restore().iteration
             if start != point.state.iteration:  # the learner restores what `latest` names: the checked one
                 raise ResumeError(f"the learner restored iteration {start}, not the checked {point.path}")
             metrics_log.truncate_after(start)
@@ -128,11 +129,11 @@ def train(
                     row.update({f"base_{k}": v for k, v in baseline.items()})
                 trackers.log_iteration(row, media)  # metrics.jsonl, TensorBoard, MLflow, W&B
                 system.metrics.record_iteration(
-                    iteration=iteration, policy_version=stats["policy_version"], loss=stats["loss"],
-                    clip_fraction=stats["clip_fraction"], reward_mean={"combined": row["reward_mean"]},
+                    iteration=iteration, policy_version=stats.policy_version, loss=stats.loss,
+                    clip_fraction=row["clip_fraction"], reward_mean={"combined": row["reward_mean"]},
                 )
                 if (iteration + 1) % run.checkpoint_every == 0 or last:
-                    system.checkpoint({"metrics_rows": iteration + 1, "run_tag": sampler.run_tag})
+                    system.checkpoint(DriverState(metrics_rows=iteration + 1, run_tag=sampler.run_tag))
                 if on_iteration is not None:
                     on_iteration(system, row)
             except LearnerRestored as restored:
@@ -159,32 +160,33 @@ def train(
             system.shutdown()
 
 
-def iteration_row(config: Config, iteration: int, stats: dict, summaries: list, timings: dict, seconds: float) -> dict:
+def iteration_row(config: Config, iteration: int, stats: UpdateStats, summaries: list, timings: dict, seconds: float) -> dict:
     """One line of metrics.jsonl: rewards of this iteration's groups (per head and combined), the
-    update's statistics, and where the time went."""
+    update's statistics, and where the time went. An objective without a ratio (NFT) has NaN in the
+    ratio's columns, so every run's rows have the same columns."""
     weights = config.reward.weights
-    per_head = stats["group_reward_means"] if not summaries else {
+    per_head = stats.group_reward_means if not summaries else {
         h: _mean([s.reward_means[h] for s in summaries if s.num_valid]) for h in weights
     }
     row = {
         "iteration": iteration,
         "reward_mean": float(combine({h: [per_head[h]] for h in weights}, weights)[0]),
         **{f"reward_{h}": per_head[h] for h in weights},
-        "loss": stats["loss"],
-        "clip_fraction": stats["clip_fraction"],
-        "ratio_max_deviation": stats["ratio_max_deviation"],
-        "grad_norm": stats["grad_norm"],
-        "policy_version": stats["policy_version"],
-        "groups": stats["groups"],
-        "groups_without_signal": stats["groups_without_signal"],
+        "loss": stats.loss,
+        "clip_fraction": _or_nan(stats.clip_fraction),
+        "ratio_max_deviation": _or_nan(stats.ratio_max_deviation),
+        "grad_norm": stats.grad_norm,
+        "policy_version": stats.policy_version,
+        "groups": stats.groups,
+        "groups_without_signal": stats.groups_without_signal,
         "groups_dropped": sum(not s.stored for s in summaries),
-        "groups_quarantined": sum(stats.get("quarantined", {}).values()),
-        "nonfinite_steps": stats.get("nonfinite_steps", 0),
+        "groups_quarantined": stats.groups_quarantined,
+        "nonfinite_steps": stats.nonfinite_steps,
         "seconds": seconds,
     }
     for phase in ("rollout", "reward", "update", "broadcast"):
         row[f"{phase}_s"] = timings.get(f"{phase}_s", 0.0)
-    row.update({k: v for k, v in stats.items() if k.startswith("nft_")})  # the NFT learner's own statistics
+    row.update(stats.objective_stats)  # the objective's own statistics (e.g. NFT's nft_* columns)
     return row
 
 
@@ -209,6 +211,10 @@ def evaluate(system: System, config: Config, prompts: list[str], seeds: list[int
 
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else math.nan
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ skipped, and `algorithm.max_nonfinite_steps` of them in a row stop the run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -41,6 +42,7 @@ from learner.checkpoint import (
 )
 from learner.config import Config
 from learner.group_validation import GroupRejected, PolicyGeometry, check_group
+from learner.messages import DriverState, LearnerStatus, Published, RestoreResult, TrainStats, UpdateStats
 from learner.nonfinite_guard import NonFiniteGuard
 from learner.objectives import make_objective
 from learner.policy_factory import add_adapter, build_configured_policy
@@ -97,13 +99,13 @@ class Learner:
         dtype: the learner keeps them in float32, a worker computes in `policy.dtype`."""
         return export_adapter_state(self.policy.transformer, self.objective.sampling_adapter, dtype=self.policy.dtype)
 
-    def publish(self) -> tuple[int, int]:
-        """Put the current adapter in the object store once; returns (version, bytes)."""
+    def publish(self) -> Published:
+        """Put the current adapter in the object store once; returns its version and size."""
         import ray
 
         state = self.adapter_state()
         self._adapter_ref = ray.put(state)
-        return self.version, sum(t.numel() * t.element_size() for t in state.values())
+        return Published(version=self.version, nbytes=sum(t.numel() * t.element_size() for t in state.values()))
 
     def current_adapter(self):
         """(version, ObjectRef of the adapter tensors): what a (re)started rollout worker loads."""
@@ -177,26 +179,20 @@ class Learner:
         return torch.from_numpy(adv)
 
     # ------------------------------------------------------------------ update
-    def train_groups(self, groups: list[CandidateGroup]) -> dict:
+    def train_groups(self, groups: list[CandidateGroup]) -> TrainStats:
         """`updates_per_iteration` optimiser steps over `groups`; returns the iteration's statistics."""
         advantages = [self._advantages(g) for g in groups]
         usable = [(g, a) for g, a in zip(groups, advantages) if bool(a.abs().sum() > 0)]
         self.policy.transformer.train()
         step = self.objective.train_step(usable, self.optimizer, self._guarded_step)
         self.policy.transformer.eval()
-        heads = list(self.config.reward.weights)
-        per_head = {h: _mean([float(g.rewards[h][g.reward_valid].mean()) for g in groups if g.reward_valid.any()]) for h in heads}
-        no_ratio = math.nan  # NFT has no ratio and no clip
-        return {
-            "groups": len(groups),
-            "groups_without_signal": len(groups) - len(usable),
-            "loss": step.loss,
-            "clip_fraction": no_ratio if step.clip_fraction is None else step.clip_fraction,
-            "ratio_max_deviation": no_ratio if step.ratio_max_deviation is None else step.ratio_max_deviation,
-            "grad_norm": step.grad_norm,
-            "group_reward_means": per_head,
-            **step.objective_stats,
-        }
+        return TrainStats(groups=len(groups), groups_without_signal=len(groups) - len(usable),
+                          group_reward_means=self._reward_means(groups), **dataclasses.asdict(step))
+
+    def _reward_means(self, groups: list[CandidateGroup]) -> dict[str, float]:
+        """Per reward head, the mean over the groups of each group's mean over its valid branches."""
+        valid = [g for g in groups if g.reward_valid.any()]
+        return {h: _mean([float(g.rewards[h][g.reward_valid].mean()) for g in valid]) for h in self.config.reward.weights}
 
     def _guarded_step(self, loss: float, group_ids: list[str]) -> tuple[bool, float]:
         """The optimiser step, taken only if `loss` and the gradients are finite: (taken, gradient norm)."""
@@ -205,7 +201,7 @@ class Learner:
         self.nonfinite_steps += not stepped
         return stepped, grad_norm
 
-    def train_on_policy(self, num_groups: int, timeout_s: float = 600.0) -> dict:
+    def train_on_policy(self, num_groups: int, timeout_s: float = 600.0) -> UpdateStats:
         t0 = time.perf_counter()
         deliveries = self._pull_on_policy(num_groups, timeout_s)
         stats = self.train_groups([d.group for d in deliveries])
@@ -213,7 +209,7 @@ class Learner:
         self.applied_since_checkpoint.extend(d.group_id for d in deliveries)
         return self._finish_iteration(stats, t0)
 
-    def train_from_buffer(self, num_groups: int) -> dict:
+    def train_from_buffer(self, num_groups: int) -> UpdateStats:
         t0 = time.perf_counter()
         groups: list[CandidateGroup] = []
         for _ in range(3):  # a quarantined reference group leaves the buffer: draw again in its place
@@ -226,19 +222,20 @@ class Learner:
             raise RuntimeError("the semi-on-policy buffer is empty: collect or import reference groups first")
         return self._finish_iteration(self.train_groups(groups), t0)
 
-    def _finish_iteration(self, stats: dict, t0: float) -> dict:
+    def _finish_iteration(self, stats: TrainStats, t0: float) -> UpdateStats:
         self.iteration += 1
         self.version += 1
         self._adapter_ref = None
-        stats.update(policy_version=self.version, update_s=time.perf_counter() - t0,
-                     quarantined=dict(self.quarantined), nonfinite_steps=self.nonfinite_steps)
+        stats = UpdateStats(**dict(stats), policy_version=self.version, update_s=time.perf_counter() - t0,
+                            quarantined=dict(self.quarantined), nonfinite_steps=self.nonfinite_steps)
         self.nonfinite_steps = 0
         self.quarantined.clear()  # kept until here: a pull made again after an outage still counts them
         return stats
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, extra: dict | None = None) -> str:
-        """Write a checkpoint, then ack every delivery whose update it contains."""
+    def save_checkpoint(self, driver: DriverState | None = None) -> str:
+        """Write a checkpoint (the driver's part beside the learner's state), then ack every delivery
+        whose update it contains; returns its directory."""
         state = {
             "policy_version": self.version,
             "applied_group_ids": self.applied_since_checkpoint,
@@ -249,7 +246,7 @@ class Learner:
             "unacked": [{"group_id": d.group_id, "entry_id": d.entry_id, "consumer": d.consumer, "handle": d.handle}
                         for d in self.unacked],
             **({self.objective.name: objective_state} if (objective_state := self.objective.state_dict()) else {}),
-            **(extra or {}),
+            **(driver.model_dump() if driver is not None else {}),
         }
         path = save_learner_checkpoint(self.checkpoint_root, self.iteration, self.policy.transformer, self.adapter, self.optimizer, state,
                                        extra_adapters=self.objective.checkpoint_adapters)
@@ -259,8 +256,8 @@ class Learner:
         self.applied_since_checkpoint = []
         return str(path)
 
-    def restore_latest(self) -> dict:
-        """Load the newest checkpoint; returns its state (the driver's part included)."""
+    def restore_latest(self) -> RestoreResult:
+        """Load the newest checkpoint; returns where it put the learner, and the driver's part."""
         path = latest_checkpoint(self.checkpoint_root)
         state = load_learner_checkpoint(path, self.policy.transformer, self.adapter, self.optimizer,
                                         extra_adapters=self.objective.checkpoint_adapters)
@@ -275,7 +272,8 @@ class Learner:
         self._adapter_ref = None
         self._reclaim_before = time.monotonic()  # deliveries held before the restore come back at once
         log.info("learner restored %s (iteration %d, version %d)", path, self.iteration, self.version)
-        return state
+        driver = DriverState(metrics_rows=state["metrics_rows"], run_tag=state["run_tag"]) if "run_tag" in state else None
+        return RestoreResult(path=str(path), iteration=self.iteration, policy_version=self.version, driver=driver)
 
     def _ack_restored(self, pending: list[dict]) -> None:
         """Ack the deliveries the restored checkpoint applied but its process did not ack (it died
@@ -303,8 +301,8 @@ class Learner:
                 "--output."
             )
 
-    def status(self) -> dict:
-        return {"iteration": self.iteration, "version": self.version, "unacked": len(self.unacked)}
+    def status(self) -> LearnerStatus:
+        return LearnerStatus(iteration=self.iteration, version=self.version, unacked=len(self.unacked))
 
 
 def _mean(values: list[float]) -> float:

@@ -347,7 +347,7 @@ def test_broadcast_carries_the_old_adapter_and_resume_continues_exactly(pocket_w
     first.save_checkpoint()
     saved, saved_nft = _adapters(first), first.objective.state_dict()
     stats = first.train_groups(groups[1])
-    assert stats["nft_reference_copied"] is True  # the second epoch copied (the first one's regulariser > 0)
+    assert stats.objective_stats["nft_reference_copied"] is True  # the second epoch copied (the first one's regulariser > 0)
 
     second = _learner(pocket_weights, tmp_path, "ckpt")
     second.objective.reference = make_controller()
