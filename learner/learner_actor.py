@@ -272,7 +272,8 @@ class Learner:
         self._adapter_ref = None
         self._reclaim_before = time.monotonic()  # deliveries held before the restore come back at once
         log.info("learner restored %s (iteration %d, version %d)", path, self.iteration, self.version)
-        driver = DriverState(metrics_rows=state["metrics_rows"], run_tag=state["run_tag"]) if "run_tag" in state else None
+        written_by_driver = state.get("run_tag") is not None and state.get("metrics_rows") is not None
+        driver = DriverState(metrics_rows=state["metrics_rows"], run_tag=state["run_tag"]) if written_by_driver else None
         return RestoreResult(path=str(path), iteration=self.iteration, policy_version=self.version, driver=driver)
 
     def _ack_restored(self, pending: list[dict]) -> None:

@@ -149,7 +149,7 @@ def test_a_nonfinite_step_is_skipped_and_too_many_in_a_row_stop_the_run(untraine
     assert stats.groups == 1 and lrn.nonfinite_steps == 1 and not math.isfinite(stats.loss)
     assert same(adapter(lrn), before)  # no step: the adapter and the optimiser state are unchanged
     assert {id(p): s for p, s in lrn.optimizer.state.items()} == moments
-    assert lrn._finish_iteration(stats, 0.0)["nonfinite_steps"] == 1
+    assert lrn._finish_iteration(stats, 0.0).nonfinite_steps == 1
     stats = lrn.train_groups([ok])  # a good step resets the count
     assert math.isfinite(stats.loss) and not same(adapter(lrn), before) and lrn.guard.in_row == 0
     lrn.train_groups([huge])
