@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+from ray.exceptions import RayActorError
 
 from controller.assembly import assemble
 from controller.fleet_scaling import Scaler
