@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from learner.updates import copo_group_loss
+from learner.objectives.copo import copo_group_loss
 from policy.lora import DEFAULT_TARGETS, attach_adapter
 from policy.noise_plan import NoisePlan
 from policy.pivot_replay import rebuild_prefix_cache

@@ -32,8 +32,7 @@ from benchmarks.memory_plan import lora_parameters, meta_policy, replay_memory
 from benchmarks.real_size import real_size_policy
 from benchmarks.tensor_memory import GIB, TensorMemory
 from controller.config import Config, load_config
-from learner.micro_batches import copo_group_backward
-from learner.objectives import sample_anchors
+from learner.objectives.copo import copo_group_backward, sample_anchors
 from policy.factory import DTYPES, add_adapter
 from policy.lora import export_adapter_state, import_adapter_state, set_active_adapter
 from policy.presets import get_preset

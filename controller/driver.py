@@ -26,15 +26,18 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
+from learner.settings import AlgorithmSettings
 from controller.config import Config, ConfigError, check_reward_settings, dump_config, load_config
-from controller.run_dir import ResumeError, adopt, find_resume_point, refuse_earlier_run, write_config_records
+from controller.run_dir import ResumeError, ResumePoint, adopt, find_resume_point, refuse_earlier_run, write_config_records
 from controller.evaluation import ood_metric, ood_metric_for_preset, write_base_vs_final
 from controller.run_log import MetricsLog, RedactingFilter, plot_reward_curves
 from controller.system import LearnerRestored, System
+from learner.messages import DriverState, UpdateStats
 from controller.task_sampler import TaskSampler, eval_set, load_prompts
 from controller.trackers import Media, Trackers
 from policy.plugins import ood_column
@@ -45,6 +48,24 @@ from reward_service.multi_reward import combine
 log = logging.getLogger("learner")
 SHEET_ROWS = 6  # held-out samples on each contact sheet
 BASE_VS_FINAL = "samples_base_vs_final.png"  # the run's first picture: base and trained samples side by side
+
+
+@dataclass
+class _Run:
+    """What the loop needs beside the system: the checked inputs and the run's records."""
+
+    config: Config
+    output: Path
+    sampler: TaskSampler
+    eval_prompts: list[str]
+    eval_seeds: list[int]
+    metrics_log: MetricsLog
+    trackers: Trackers
+    point: ResumePoint | None
+    on_iteration: Callable[[System, dict], None] | None = None
+    baseline: dict | None = None  # the held-out scores before training (a fresh run only)
+    base_media: list = field(default_factory=list)
+    samples: dict = field(default_factory=dict)  # contact-sheet frames and results per evaluation tag
 
 
 def train(
@@ -63,15 +84,37 @@ def train(
     `on_iteration(system, row)` is called after each finished iteration (monitoring, tests);
     `system_options` go to `System.start` (e.g. `worker_cls=SimulatedRolloutWorker` and its
     `worker_kwargs`, as the fault tests use)."""
-    output = Path(output)
-    resume = resume or resume_from is not None
-    alg, run = config.algorithm, config.run
-    check_reward_settings(config.reward, alg)
+    run = _open_run(config, Path(output), resume or resume_from is not None, resume_from, on_iteration)
+    system = None
+    try:
+        run.trackers.log_config(config, dump_config(config))
+        system = System.start(config, run.output, **system_options)
+        start = _restore(system, run)
+        if config.algorithm.mode != "on_policy":
+            buffer = system.fill_reference_buffer(run.sampler.reference_tasks(config.replay.buffer_groups))
+            log.info("reference buffer: %s", buffer)
+        if run.point is None:
+            run.baseline, run.base_media = evaluate(system, config, run.eval_prompts, run.eval_seeds, run.output, tag="base",
+                                                    samples=run.samples)
+        _loop(system, run, start)
+        return _close_run(run)
+    finally:
+        run.trackers.close()
+        if system is not None:
+            system.shutdown()
+
+
+def _open_run(config: Config, output: Path, resume: bool, resume_from: str | None,
+              on_iteration: Callable[[System, dict], None] | None) -> _Run:
+    """Check the configuration, the prompt sets and (on resume) the checkpoint, then open the run's
+    records; nothing is written before every check passed."""
+    check_reward_settings(config.reward, config.algorithm)
     prompts = load_prompts(config.rollout.prompts)
     try:
         num_chunks = get_preset(config.policy.preset).num_chunks
     except KeyError as err:
         raise ConfigError(f"policy.preset: {err.args[0] if err.args else err}") from None
+    run = config.run
     eval_prompts, eval_seeds = eval_set(load_prompts(config.rollout.eval_prompts), run.eval_seeds, run.eval_prompts_limit, run.seed)
     point = find_resume_point(output, config, resume_from) if resume else None
     if point is None:
@@ -82,113 +125,124 @@ def train(
         adopt(point)
     write_config_records(output, config, resume)
     metrics_log = MetricsLog(output / "metrics.jsonl")
-    run_tag = point.run_tag if point is not None else output.name
-    sampler = TaskSampler(config, prompts, num_chunks, run_tag)
+    sampler = TaskSampler(config, prompts, num_chunks, point.run_tag if point is not None else output.name)
     trackers = Trackers.open(config, output, metrics_log, resume)  # metrics.jsonl and run.trackers' others
-
-    system = None
-    try:
-        trackers.log_config(config, dump_config(config))
-        system = System.start(config, output, **system_options)
-        start = 0
-        if point is not None:
-            start = int(system.restore()["iteration"])
-            if start != point.state.iteration:  # the learner restores what `latest` names: the checked one
-                raise ResumeError(f"the learner restored iteration {start}, not the checked {point.path}")
-            metrics_log.truncate_after(start)
-            log.info("resumed from %s at iteration %d (policy version %d)", point.path, start, system.version)
-        if alg.mode != "on_policy":
-            buffer = system.fill_reference_buffer(sampler.reference_tasks(config.replay.buffer_groups))
-            log.info("reference buffer: %s", buffer)
-        samples: dict = {}  # contact-sheet frames and results per evaluation tag
-        baseline, base_media = (None, []) if resume else evaluate(system, config, eval_prompts, eval_seeds, output, tag="base", samples=samples)
-
-        progress = tqdm(desc=f"{alg.objective}/{alg.mode}", initial=start, total=run.iterations)
-        iteration = start
-        while iteration < run.iterations:
-            system.apply_scaling()  # rollout workers / reward actors asked for by `python -m learner.scale`
-            system.timings.clear()
-            t0 = time.perf_counter()
-            try:
-                if alg.mode == "on_policy":
-                    tasks = sampler.tasks(iteration, alg.groups_per_iteration)  # 1: pivots, prompts, seeds
-                    summaries = system.rollout(tasks)  # 2-6: fork at the pivot, complete, score, push
-                    stats = system.update_on_policy(sum(s.stored for s in summaries))  # 7-9
-                    system.broadcast()
-                else:
-                    summaries = []
-                    stats = system.update_from_buffer(alg.groups_per_iteration)  # 7-9 on reference groups
-                row = iteration_row(config, iteration, stats, summaries, system.timings, time.perf_counter() - t0)
-                media = base_media if iteration == start else []
-                last = iteration + 1 == run.iterations
-                if (run.eval_every and (iteration + 1) % run.eval_every == 0) or last:
-                    if alg.mode != "on_policy":
-                        system.broadcast()
-                    scores, eval_media = evaluate(system, config, eval_prompts, eval_seeds, output, tag=f"iter_{iteration + 1:06d}", samples=samples)
-                    row.update(scores)
-                    media = media + eval_media
-                if baseline is not None and iteration == start:
-                    row.update({f"base_{k}": v for k, v in baseline.items()})
-                trackers.log_iteration(row, media)  # metrics.jsonl, TensorBoard, MLflow, W&B
-                system.metrics.record_iteration(
-                    iteration=iteration, policy_version=stats["policy_version"], loss=stats["loss"],
-                    clip_fraction=stats["clip_fraction"], reward_mean={"combined": row["reward_mean"]},
-                )
-                if (iteration + 1) % run.checkpoint_every == 0 or last:
-                    system.checkpoint({"metrics_rows": iteration + 1, "run_tag": sampler.run_tag})
-                if on_iteration is not None:
-                    on_iteration(system, row)
-            except LearnerRestored as restored:
-                # The learner restarted from a checkpoint older than this iteration: the updates after
-                # it were lost, so continue from there, as --resume would (group ids repeat; each
-                # group is still applied once).
-                log.warning("%s; continuing from iteration %d", restored, restored.iteration)
-                iteration = system.resync(restored)
-                metrics_log.truncate_after(iteration)
-                progress.n = iteration
-                progress.refresh()
-                continue
-            iteration += 1
-            progress.update(1)
-        progress.close()
-        rows = metrics_log.read()
-        if rows:
-            curve = plot_reward_curves(rows, output / "reward_curve.png", title=f"{alg.objective} {alg.mode} ({config.policy.preset})")
-            trackers.log_media([Media("image", "reward_curve", curve)], step=rows[-1]["iteration"])
-        write_base_vs_final(samples, output / BASE_VS_FINAL, list(config.reward.weights))
-        return rows
-    finally:
-        trackers.close()
-        if system is not None:
-            system.shutdown()
+    return _Run(config, output, sampler, eval_prompts, eval_seeds, metrics_log, trackers, point, on_iteration)
 
 
-def iteration_row(config: Config, iteration: int, stats: dict, summaries: list, timings: dict, seconds: float) -> dict:
+def _restore(system: System, run: _Run) -> int:
+    """The iteration to start from: 0, or the checked checkpoint's (which the learner restores)."""
+    if run.point is None:
+        return 0
+    start = system.restore().iteration
+    if start != run.point.state.iteration:  # the learner restores what `latest` names: the checked one
+        raise ResumeError(f"the learner restored iteration {start}, not the checked {run.point.path}")
+    run.metrics_log.truncate_after(start)
+    log.info("resumed from %s at iteration %d (policy version %d)", run.point.path, start, system.version)
+    return start
+
+
+def _loop(system: System, run: _Run, start: int) -> None:
+    alg, total = run.config.algorithm, run.config.run.iterations
+    progress = tqdm(desc=f"{alg.objective}/{alg.mode}", initial=start, total=total)
+    iteration = start
+    while iteration < total:
+        system.apply_scaling()  # rollout workers / reward actors asked for by `python -m learner.scale`
+        system.timings.clear()
+        t0 = time.perf_counter()
+        try:
+            stats, summaries = train_iteration(system, run.sampler, alg, iteration)
+            row = iteration_row(run.config, iteration, stats, summaries, system.timings, time.perf_counter() - t0)
+            _record_iteration(system, run, iteration, start, stats, row)
+        except LearnerRestored as restored:
+            # The learner restarted from a checkpoint older than this iteration: the updates after
+            # it were lost, so continue from there, as --resume would (group ids repeat; each
+            # group is still applied once).
+            log.warning("%s; continuing from iteration %d", restored, restored.iteration)
+            iteration = system.resync(restored)
+            run.metrics_log.truncate_after(iteration)
+            progress.n = iteration
+            progress.refresh()
+            continue
+        iteration += 1
+        progress.update(1)
+    progress.close()
+
+
+def train_iteration(system: System, sampler: TaskSampler, alg: AlgorithmSettings, iteration: int) -> tuple[UpdateStats, list]:
+    """One iteration of Algorithm 1; returns the update's statistics and the groups' summaries."""
+    if alg.mode == "on_policy":
+        tasks = sampler.tasks(iteration, alg.groups_per_iteration)  # 1: pivots, prompts, seeds
+        summaries = system.rollout(tasks)  # 2-6: fork at the pivot, complete, score, push
+        stats = system.update_on_policy(sum(s.stored for s in summaries))  # 7-9
+        system.broadcast()
+        return stats, summaries
+    return system.update_from_buffer(alg.groups_per_iteration), []  # 7-9 on reference groups
+
+
+def _record_iteration(system: System, run: _Run, iteration: int, start: int, stats: UpdateStats, row: dict) -> None:
+    """Evaluate when due, log the row (metrics.jsonl, TensorBoard, MLflow, W&B), checkpoint when due."""
+    config = run.config
+    media = run.base_media if iteration == start else []
+    last = iteration + 1 == config.run.iterations
+    if (config.run.eval_every and (iteration + 1) % config.run.eval_every == 0) or last:
+        if config.algorithm.mode != "on_policy":
+            system.broadcast()
+        scores, eval_media = evaluate(system, config, run.eval_prompts, run.eval_seeds, run.output,
+                                      tag=f"iter_{iteration + 1:06d}", samples=run.samples)
+        row.update(scores)
+        media = media + eval_media
+    if run.baseline is not None and iteration == start:
+        row.update({f"base_{k}": v for k, v in run.baseline.items()})
+    run.trackers.log_iteration(row, media)
+    system.metrics.record_iteration(
+        iteration=iteration, policy_version=stats.policy_version, loss=stats.loss,
+        clip_fraction=row["clip_fraction"], reward_mean={"combined": row["reward_mean"]},
+    )
+    if (iteration + 1) % config.run.checkpoint_every == 0 or last:
+        system.checkpoint(DriverState(metrics_rows=iteration + 1, run_tag=run.sampler.run_tag))
+    if run.on_iteration is not None:
+        run.on_iteration(system, row)
+
+
+def _close_run(run: _Run) -> list[dict]:
+    """The metrics rows, after plotting the reward curve."""
+    rows = run.metrics_log.read()
+    if rows:
+        alg = run.config.algorithm
+        curve = plot_reward_curves(rows, run.output / "reward_curve.png", title=f"{alg.objective} {alg.mode} ({run.config.policy.preset})")
+        run.trackers.log_media([Media("image", "reward_curve", curve)], step=rows[-1]["iteration"])
+    write_base_vs_final(run.samples, run.output / BASE_VS_FINAL, list(run.config.reward.weights))
+    return rows
+
+
+def iteration_row(config: Config, iteration: int, stats: UpdateStats, summaries: list, timings: dict, seconds: float) -> dict:
     """One line of metrics.jsonl: rewards of this iteration's groups (per head and combined), the
-    update's statistics, and where the time went."""
+    update's statistics, and where the time went. An objective without a ratio (NFT) has NaN in the
+    ratio's columns, so every run's rows have the same columns."""
     weights = config.reward.weights
-    per_head = stats["group_reward_means"] if not summaries else {
+    per_head = stats.group_reward_means if not summaries else {
         h: _mean([s.reward_means[h] for s in summaries if s.num_valid]) for h in weights
     }
     row = {
         "iteration": iteration,
         "reward_mean": float(combine({h: [per_head[h]] for h in weights}, weights)[0]),
         **{f"reward_{h}": per_head[h] for h in weights},
-        "loss": stats["loss"],
-        "clip_fraction": stats["clip_fraction"],
-        "ratio_max_deviation": stats["ratio_max_deviation"],
-        "grad_norm": stats["grad_norm"],
-        "policy_version": stats["policy_version"],
-        "groups": stats["groups"],
-        "groups_without_signal": stats["groups_without_signal"],
+        "loss": stats.loss,
+        "clip_fraction": _or_nan(stats.clip_fraction),
+        "ratio_max_deviation": _or_nan(stats.ratio_max_deviation),
+        "grad_norm": stats.grad_norm,
+        "policy_version": stats.policy_version,
+        "groups": stats.groups,
+        "groups_without_signal": stats.groups_without_signal,
         "groups_dropped": sum(not s.stored for s in summaries),
-        "groups_quarantined": sum(stats.get("quarantined", {}).values()),
-        "nonfinite_steps": stats.get("nonfinite_steps", 0),
+        "groups_quarantined": stats.groups_quarantined,
+        "nonfinite_steps": stats.nonfinite_steps,
         "seconds": seconds,
     }
     for phase in ("rollout", "reward", "update", "broadcast"):
         row[f"{phase}_s"] = timings.get(f"{phase}_s", 0.0)
-    row.update({k: v for k, v in stats.items() if k.startswith("nft_")})  # the NFT learner's own statistics
+    row.update(stats.objective_stats)  # the objective's own statistics (e.g. NFT's nft_* columns)
     return row
 
 
@@ -221,6 +275,10 @@ def evaluate(system: System, config: Config, prompts: list[str], seeds: list[int
 
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else math.nan
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def main(argv: list[str] | None = None) -> int:

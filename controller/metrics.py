@@ -44,6 +44,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Literal, Mapping
 
+from learner.messages import UpdateStats
+
 logger = logging.getLogger(__name__)
 
 METRIC_PREFIX = "arcopo_"
@@ -283,13 +285,13 @@ class ProjectMetrics:
     def count_nonfinite_steps(self, n: float = 1) -> None:
         self._inc("nonfinite_steps_total", n, {})
 
-    def record_update(self, stats: Mapping) -> None:
+    def record_update(self, stats: UpdateStats) -> None:
         """The group and step counters of one learner update (`Learner.train_*`'s statistics)."""
-        self.count_groups_consumed(stats["groups"])
-        self.count_groups_applied(stats["groups"] - stats["groups_without_signal"])
-        for reason, n in stats.get("quarantined", {}).items():
+        self.count_groups_consumed(stats.groups)
+        self.count_groups_applied(stats.groups - stats.groups_without_signal)
+        for reason, n in stats.quarantined.items():
             self.count_groups_quarantined(reason, n)
-        self.count_nonfinite_steps(stats.get("nonfinite_steps", 0))
+        self.count_nonfinite_steps(stats.nonfinite_steps)
 
     def count_broadcast_bytes(self, nbytes: int) -> None:
         self._inc("broadcast_bytes_total", nbytes, {})

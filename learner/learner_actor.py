@@ -19,6 +19,7 @@ skipped, and `algorithm.max_nonfinite_steps` of them in a row stop the run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -39,13 +40,11 @@ from learner.checkpoint import (
     read_checkpoint_state,
     save_learner_checkpoint,
 )
-from learner.group_validation import GroupRejected, PolicyGeometry, check_group
-from learner.nonfinite_guard import NonFiniteGuard
-from learner.micro_batches import copo_group_backward, sde_grpo_group_backward
-from learner.nft_trainer import CHECKPOINT_ADAPTERS, NftTrainer
-from learner.objectives import sample_anchors
 from learner.settings import LearnerSettings
-from learner.updates import GroupLoss
+from learner.group_validation import GroupRejected, PolicyGeometry, check_group
+from learner.messages import DriverState, LearnerStatus, Published, RestoreResult, TrainStats, UpdateStats
+from learner.nonfinite_guard import NonFiniteGuard
+from learner.objectives import make_objective
 from policy.factory import add_adapter, build_configured_policy
 from policy.lora import export_adapter_state
 from replay import Delivery, ReplayUnavailableError, StoreLostError, open_store
@@ -65,8 +64,9 @@ class Learner:
         add_adapter(self.policy, self.adapter, self.config.lora)
         self.params = [p for p in self.policy.transformer.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=alg.learning_rate, weight_decay=alg.weight_decay)
-        # NFT keeps an EMA "old" adapter (the sampling policy, what is broadcast) and a reference adapter.
-        self.nft = NftTrainer(self.policy, self.adapter, alg, self.config.reward, self.config.run.seed) if alg.objective == "nft" else None
+        self.anchor_rng = torch.Generator().manual_seed(self.config.run.seed + 1)
+        # Chosen once here; NFT adds an EMA "old" adapter (the sampling policy, what is broadcast) and a reference adapter.
+        self.objective = make_objective(self.policy, self.adapter, alg, self.config.reward, self.config.run.seed, self.anchor_rng)
         self.geometry = PolicyGeometry.of(self.policy, self.config)
         # Records larger than the largest group this policy can use are refused before they are read.
         self.store = open_store(store_url, max_record_bytes=self.geometry.max_record_bytes())
@@ -78,7 +78,6 @@ class Learner:
         self.consumer = consumer
         self.version = 0
         self.iteration = 0
-        self.anchor_rng = torch.Generator().manual_seed(self.config.run.seed + 1)
         self.buffer_rng = np.random.default_rng(self.config.run.seed + 2)
         self.unacked: list[Delivery] = []  # applied, waiting for the next checkpoint
         self.applied_since_checkpoint: list[str] = []
@@ -98,16 +97,15 @@ class Learner:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The sampling policy's adapter tensors (the trained adapter, or NFT's old adapter) in the workers'
         dtype: the learner keeps them in float32, a worker computes in `policy.dtype`."""
-        name = self.nft.sampling_adapter if self.nft else self.adapter
-        return export_adapter_state(self.policy.transformer, name, dtype=self.policy.dtype)
+        return export_adapter_state(self.policy.transformer, self.objective.sampling_adapter, dtype=self.policy.dtype)
 
-    def publish(self) -> tuple[int, int]:
-        """Put the current adapter in the object store once; returns (version, bytes)."""
+    def publish(self) -> Published:
+        """Put the current adapter in the object store once; returns its version and size."""
         import ray
 
         state = self.adapter_state()
         self._adapter_ref = ray.put(state)
-        return self.version, sum(t.numel() * t.element_size() for t in state.values())
+        return Published(version=self.version, nbytes=sum(t.numel() * t.element_size() for t in state.values()))
 
     def current_adapter(self):
         """(version, ObjectRef of the adapter tensors): what a (re)started rollout worker loads."""
@@ -181,53 +179,20 @@ class Learner:
         return torch.from_numpy(adv)
 
     # ------------------------------------------------------------------ update
-    def _group_backward(self, group: CandidateGroup, adv: torch.Tensor, loss_scale: float) -> GroupLoss:
-        """Back-propagate `loss_scale` x the group's loss (in micro-batches when configured); returns the loss."""
-        alg, micro = self.config.algorithm, self.config.algorithm.micro_batch_size
-        valid = torch.nonzero(group.reward_valid).flatten()
-        if alg.objective == "copo":
-            pick = sample_anchors(len(valid), min(alg.anchors_per_group, len(valid)), self.anchor_rng)
-            return copo_group_backward(self.policy, group, adv, valid[pick], alg.tau, alg.effective_clip_eps, micro, loss_scale)
-        if alg.objective == "sde_grpo":  # re-noise forks only: checked at the door (group_validation)
-            return sde_grpo_group_backward(self.policy, group, adv, valid, alg.effective_clip_eps, alg.sde_eta, micro, loss_scale)
-        raise NotImplementedError(f"objective {alg.objective!r} is trained by its own learner")
-
-    def train_groups(self, groups: list[CandidateGroup]) -> dict:
+    def train_groups(self, groups: list[CandidateGroup]) -> TrainStats:
         """`updates_per_iteration` optimiser steps over `groups`; returns the iteration's statistics."""
-        alg = self.config.algorithm
         advantages = [self._advantages(g) for g in groups]
         usable = [(g, a) for g, a in zip(groups, advantages) if bool(a.abs().sum() > 0)]
-        if self.nft is not None:
-            self.policy.transformer.train()
-            stats = self.nft.train(usable, self.optimizer, self.params, self._guarded_step)
-            self.policy.transformer.eval()
-            heads = list(self.config.reward.weights)
-            per_head = {h: _mean([float(g.rewards[h][g.reward_valid].mean()) for g in groups if g.reward_valid.any()]) for h in heads}
-            return {"groups": len(groups), "groups_without_signal": len(groups) - len(usable), "group_reward_means": per_head, **stats}
-        losses, clip_fracs, deviations, grad_norms = [], [], [], []
         self.policy.transformer.train()
-        for _ in range(alg.updates_per_iteration if usable else 0):
-            self.optimizer.zero_grad(set_to_none=True)
-            step_losses = []
-            for group, adv in usable:
-                out = self._group_backward(group, adv, loss_scale=1 / len(usable))
-                step_losses.append(float(out.loss))
-                clip_fracs.append(out.clip_fraction)
-                deviations.append(out.ratio_deviation)
-            losses.append(sum(step_losses) / len(step_losses))
-            grad_norms.append(self._guarded_step(losses[-1], [g.group_id for g, _ in usable])[1])
+        step = self.objective.train_step(usable, self.optimizer, self._guarded_step)
         self.policy.transformer.eval()
-        heads = list(self.config.reward.weights)
-        per_head = {h: _mean([float(g.rewards[h][g.reward_valid].mean()) for g in groups if g.reward_valid.any()]) for h in heads}
-        return {
-            "groups": len(groups),
-            "groups_without_signal": len(groups) - len(usable),
-            "loss": _mean(losses),
-            "clip_fraction": _mean(clip_fracs),
-            "ratio_max_deviation": max(deviations, default=0.0),
-            "grad_norm": _mean(grad_norms),
-            "group_reward_means": per_head,
-        }
+        return TrainStats(groups=len(groups), groups_without_signal=len(groups) - len(usable),
+                          group_reward_means=self._reward_means(groups), **dataclasses.asdict(step))
+
+    def _reward_means(self, groups: list[CandidateGroup]) -> dict[str, float]:
+        """Per reward head, the mean over the groups of each group's mean over its valid branches."""
+        valid = [g for g in groups if g.reward_valid.any()]
+        return {h: _mean([float(g.rewards[h][g.reward_valid].mean()) for g in valid]) for h in self.config.reward.weights}
 
     def _guarded_step(self, loss: float, group_ids: list[str]) -> tuple[bool, float]:
         """The optimiser step, taken only if `loss` and the gradients are finite: (taken, gradient norm)."""
@@ -236,7 +201,7 @@ class Learner:
         self.nonfinite_steps += not stepped
         return stepped, grad_norm
 
-    def train_on_policy(self, num_groups: int, timeout_s: float = 600.0) -> dict:
+    def train_on_policy(self, num_groups: int, timeout_s: float = 600.0) -> UpdateStats:
         t0 = time.perf_counter()
         deliveries = self._pull_on_policy(num_groups, timeout_s)
         stats = self.train_groups([d.group for d in deliveries])
@@ -244,7 +209,7 @@ class Learner:
         self.applied_since_checkpoint.extend(d.group_id for d in deliveries)
         return self._finish_iteration(stats, t0)
 
-    def train_from_buffer(self, num_groups: int) -> dict:
+    def train_from_buffer(self, num_groups: int) -> UpdateStats:
         t0 = time.perf_counter()
         groups: list[CandidateGroup] = []
         for _ in range(3):  # a quarantined reference group leaves the buffer: draw again in its place
@@ -257,19 +222,20 @@ class Learner:
             raise RuntimeError("the semi-on-policy buffer is empty: collect or import reference groups first")
         return self._finish_iteration(self.train_groups(groups), t0)
 
-    def _finish_iteration(self, stats: dict, t0: float) -> dict:
+    def _finish_iteration(self, stats: TrainStats, t0: float) -> UpdateStats:
         self.iteration += 1
         self.version += 1
         self._adapter_ref = None
-        stats.update(policy_version=self.version, update_s=time.perf_counter() - t0,
-                     quarantined=dict(self.quarantined), nonfinite_steps=self.nonfinite_steps)
+        stats = UpdateStats(**dict(stats), policy_version=self.version, update_s=time.perf_counter() - t0,
+                            quarantined=dict(self.quarantined), nonfinite_steps=self.nonfinite_steps)
         self.nonfinite_steps = 0
         self.quarantined.clear()  # kept until here: a pull made again after an outage still counts them
         return stats
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, extra: dict | None = None) -> str:
-        """Write a checkpoint, then ack every delivery whose update it contains."""
+    def save_checkpoint(self, driver: DriverState | None = None) -> str:
+        """Write a checkpoint (the driver's part beside the learner's state), then ack every delivery
+        whose update it contains; returns its directory."""
         state = {
             "policy_version": self.version,
             "applied_group_ids": self.applied_since_checkpoint,
@@ -279,24 +245,23 @@ class Learner:
             # What this checkpoint applied but has not acked yet: a restore acks these exactly.
             "unacked": [{"group_id": d.group_id, "entry_id": d.entry_id, "consumer": d.consumer, "handle": d.handle}
                         for d in self.unacked],
-            **({"nft": self.nft.state_dict()} if self.nft else {}),
-            **(extra or {}),
+            **({self.objective.name: objective_state} if (objective_state := self.objective.state_dict()) else {}),
+            **(driver.model_dump() if driver is not None else {}),
         }
         path = save_learner_checkpoint(self.checkpoint_root, self.iteration, self.policy.transformer, self.adapter, self.optimizer, state,
-                                       extra_adapters=CHECKPOINT_ADAPTERS if self.nft else None)
+                                       extra_adapters=self.objective.checkpoint_adapters)
         for d in self.unacked:
             self.store.ack(d)
         self.unacked.clear()
         self.applied_since_checkpoint = []
         return str(path)
 
-    def restore_latest(self) -> dict:
-        """Load the newest checkpoint; returns its state (the driver's part included)."""
+    def restore_latest(self) -> RestoreResult:
+        """Load the newest checkpoint; returns where it put the learner, and the driver's part."""
         path = latest_checkpoint(self.checkpoint_root)
         state = load_learner_checkpoint(path, self.policy.transformer, self.adapter, self.optimizer,
-                                        extra_adapters=CHECKPOINT_ADAPTERS if self.nft else None)
-        if self.nft is not None:
-            self.nft.load_state_dict(state.get("nft", {}))
+                                        extra_adapters=self.objective.checkpoint_adapters)
+        self.objective.load_state_dict(state.get(self.objective.name, {}))
         self.iteration, self.version = int(state["iteration"]), int(state["policy_version"])
         self.restored_applied = set(state["applied_group_ids"])
         self._check_applied_set(int(state["iteration"]))
@@ -307,7 +272,9 @@ class Learner:
         self._adapter_ref = None
         self._reclaim_before = time.monotonic()  # deliveries held before the restore come back at once
         log.info("learner restored %s (iteration %d, version %d)", path, self.iteration, self.version)
-        return state
+        written_by_driver = state.get("run_tag") is not None and state.get("metrics_rows") is not None
+        driver = DriverState(metrics_rows=state["metrics_rows"], run_tag=state["run_tag"]) if written_by_driver else None
+        return RestoreResult(path=str(path), iteration=self.iteration, policy_version=self.version, driver=driver)
 
     def _ack_restored(self, pending: list[dict]) -> None:
         """Ack the deliveries the restored checkpoint applied but its process did not ack (it died
@@ -335,8 +302,8 @@ class Learner:
                 "--output."
             )
 
-    def status(self) -> dict:
-        return {"iteration": self.iteration, "version": self.version, "unacked": len(self.unacked)}
+    def status(self) -> LearnerStatus:
+        return LearnerStatus(iteration=self.iteration, version=self.version, unacked=len(self.unacked))
 
 
 def _mean(values: list[float]) -> float:

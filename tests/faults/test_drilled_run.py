@@ -148,7 +148,7 @@ def _observe(system, row: dict) -> dict:
         "workers": system.fleet.infos(),
         "reward_actors": ray.get(system.reward_server.num_actors.remote()),
         "reward_pool": ray.get(system.reward_server.metrics.remote()),
-        "learner_status": ray.get(system.learner.status.remote()),
+        "learner_status": ray.get(system.learner.actor.status.remote()),
         "produced": dict(system.metrics.snapshot().get("arcopo_groups_produced_total", {})),
     }
 
@@ -292,7 +292,7 @@ def test_learner_killed_and_resumed_from_its_checkpoint(drilled_run):
     # Iteration 2: died in the update; restored checkpoint 2 (where the call found it), call made again.
     assert run.after[2]["learner_restarts"] == 1 and run.after[2]["version"] == 3
     # Iteration 3: died after writing checkpoint 4, before acking; the checkpoint stands.
-    assert run.after[3]["learner_restarts"] == 2 and run.after[3]["learner_status"]["iteration"] == 4
+    assert run.after[3]["learner_restarts"] == 2 and run.after[3]["learner_status"].iteration == 4
     # Iteration 5: died in the update with checkpoint 4 as its newest: iterations 4 and 5 were redone.
     assert run.after[5]["learner_restarts"] == 3
     assert "redone" in run.after[4] and run.after[4]["redone"]["version"] == 5

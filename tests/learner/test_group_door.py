@@ -14,6 +14,7 @@ import torch
 import replay
 from controller.config import CONFIG_DIR, load_config
 from learner.learner_actor import Learner
+from learner.messages import UpdateStats
 from controller.metrics import ProjectMetrics
 from learner.nonfinite_guard import NonFiniteUpdateError
 from policy.lora import export_adapter_state
@@ -94,11 +95,11 @@ def test_each_kind_of_poison_is_quarantined_and_the_good_groups_train(untrained_
         planted[group.group_id] = reason
         store.push(group)
     stats = lrn.train_on_policy(len(KINDS) * 2, timeout_s=30)
-    assert stats["groups"] == len(KINDS) and stats["nonfinite_steps"] == 0 and math.isfinite(stats["loss"])
+    assert stats.groups == len(KINDS) and stats.nonfinite_steps == 0 and math.isfinite(stats.loss)
     expected = {}
     for reason in planted.values():
         expected[reason] = expected.get(reason, 0) + 1
-    assert stats["quarantined"] == expected
+    assert stats.quarantined == expected
     letters = {letter["gid"]: letter["reason"] for letter in store.dead_letters()}
     assert {gid: reason.split(":")[0] for gid, reason in letters.items()} == planted
     assert "1 NaN or infinite values marked valid" in letters["poison-nan_reward"]
@@ -123,7 +124,7 @@ def test_a_poisoned_reference_group_is_quarantined_not_sampled(untrained_pocket_
     lrn.train_groups = lambda groups: seen.append([g.group_id for g in groups]) or original(groups)
     for _ in range(3):
         stats = lrn.train_from_buffer(4)
-        assert stats["groups"] == 4 and math.isfinite(stats["loss"])
+        assert stats.groups == 4 and math.isfinite(stats.loss)
     assert all(gid.startswith("good-") for batch in seen for gid in batch)
     assert store.buffer_size() == 2 and store.stats().quarantined == 1
     assert store.dead_letters()[0]["gid"] == bad.group_id and "pivot_x0 holds 64 NaN" in store.dead_letters()[0]["reason"]
@@ -145,12 +146,12 @@ def test_a_nonfinite_step_is_skipped_and_too_many_in_a_row_stop_the_run(untraine
     before = adapter(lrn)
     moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in lrn.optimizer.state.items()}
     stats = lrn.train_groups([huge])
-    assert stats["groups"] == 1 and lrn.nonfinite_steps == 1 and not math.isfinite(stats["loss"])
+    assert stats.groups == 1 and lrn.nonfinite_steps == 1 and not math.isfinite(stats.loss)
     assert same(adapter(lrn), before)  # no step: the adapter and the optimiser state are unchanged
     assert {id(p): s for p, s in lrn.optimizer.state.items()} == moments
-    assert lrn._finish_iteration(stats, 0.0)["nonfinite_steps"] == 1
+    assert lrn._finish_iteration(stats, 0.0).nonfinite_steps == 1
     stats = lrn.train_groups([ok])  # a good step resets the count
-    assert math.isfinite(stats["loss"]) and not same(adapter(lrn), before) and lrn.guard.in_row == 0
+    assert math.isfinite(stats.loss) and not same(adapter(lrn), before) and lrn.guard.in_row == 0
     lrn.train_groups([huge])
     stepped = adapter(lrn)
     with pytest.raises(NonFiniteUpdateError, match=r"2 optimiser steps in a row .*groups huge.*max_nonfinite_steps=2"):
@@ -160,8 +161,8 @@ def test_a_nonfinite_step_is_skipped_and_too_many_in_a_row_stop_the_run(untraine
 
 def test_update_metrics_count_quarantined_groups_and_skipped_steps_and_keep_nan():
     metrics = ProjectMetrics(enabled=False)
-    metrics.record_update({"groups": 4, "groups_without_signal": 1, "quarantined": {"reward": 2, "prompt": 1},
-                           "nonfinite_steps": 1})
+    metrics.record_update(UpdateStats(groups=4, groups_without_signal=1, loss=math.nan, grad_norm=0.0, group_reward_means={},
+                                      policy_version=1, update_s=0.0, quarantined={"reward": 2, "prompt": 1}, nonfinite_steps=1))
     assert metrics.value("groups_quarantined_total", reason="reward") == 2
     assert metrics.value("groups_quarantined_total", reason="prompt") == 1
     assert metrics.value("nonfinite_steps_total") == 1 and metrics.value("groups_applied_total") == 3
@@ -186,7 +187,7 @@ def test_a_store_whose_applied_set_was_lost_is_refused_at_restore(untrained_pock
     with pytest.raises(replay.StoreLostError, match=r"iter_000001 applied 2 groups, but the replay store .* lists none"):
         second.restore_latest()
     client.sadd(redis_prefix + "applied", *applied)  # with its applied set the store is this run's again
-    assert second.restore_latest()["iteration"] == 2
+    assert second.restore_latest().iteration == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

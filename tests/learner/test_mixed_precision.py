@@ -53,7 +53,7 @@ def _deliver(learner: Learner, iteration: int) -> None:
 def _iterate(learner: Learner, iteration: int) -> None:
     _deliver(learner, iteration)
     stats = learner.train_on_policy(1, timeout_s=30)
-    assert stats["groups"] == 1 and stats["groups_without_signal"] == 0
+    assert stats.groups == 1 and stats.groups_without_signal == 0
     learner.save_checkpoint()
 
 

@@ -1,4 +1,4 @@
-"""Astrolabe NFT objective, EMA and regularisation controllers (learner/nft.py) against NumPy."""
+"""Astrolabe NFT objective, EMA and regularisation controllers (learner/objectives/nft/loss.py) against NumPy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner.nft import (
+from learner.objectives.nft.loss import (
     NFT_TIMESTEPS,
     DynamicReferenceController,
     SelectiveRegController,

@@ -19,9 +19,9 @@ from learner.settings import AlgorithmSettings
 
 from reward_service.settings import RewardSettings
 from learner.learner_actor import Learner
-from learner.nft import DynamicReferenceController
-from learner.nft_trainer import OLD_ADAPTER, REFERENCE_ADAPTER, NftTrainer, nft_window
-from learner.updates import AdapterSwitch, NftAdapters, RollingContext, nft_group_update
+from learner.objectives.nft.loss import DynamicReferenceController
+from learner.objectives.nft.objective import OLD_ADAPTER, REFERENCE_ADAPTER, NftObjective, nft_window
+from learner.objectives.nft.streaming import AdapterSwitch, NftAdapters, RollingContext, nft_group_update
 from policy.lora import PEFT_KEY_PREFIX, attach_adapter, export_adapter_state, import_adapter_state
 from pocket import domain
 from pocket.preset import new_transformer, policy_from_transformer, save_pocket_weights
@@ -239,9 +239,9 @@ def test_window_starts_at_the_pivot_and_stops_at_the_end(pocket):
                          NftAdapters("a", "b"), None, 0.1, 0.0)
 
 
-def _trainer(policy, **algorithm) -> NftTrainer:
+def _trainer(policy, **algorithm) -> NftObjective:
     alg = AlgorithmSettings(objective="nft", **algorithm)
-    return NftTrainer(policy, "trained", alg, RewardSettings(), seed=0)
+    return NftObjective(policy, "trained", alg, RewardSettings(), seed=0)
 
 
 def test_ema_update_of_the_old_adapter_follows_the_formula_on_real_adapter_tensors(pocket):
@@ -313,8 +313,8 @@ def test_invalid_settings_are_refused(pocket):
     with pytest.raises(ValueError, match="on-policy"):
         _trainer(policy, mode="semi_on_policy")
     with pytest.raises(ValueError, match="nft_selective_reg"):
-        NftTrainer(policy, "trained", AlgorithmSettings(objective="nft", nft_selective_reg=True),
-                   RewardSettings(weights={"TA": 1.0}), seed=0)
+        NftObjective(policy, "trained", AlgorithmSettings(objective="nft", nft_selective_reg=True),
+                     RewardSettings(weights={"TA": 1.0}), seed=0)
 
 
 def _learner(weights, tmp_path, name: str) -> Learner:
@@ -340,7 +340,7 @@ def test_broadcast_carries_the_old_adapter_and_resume_continues_exactly(pocket_w
     first = _learner(pocket_weights, tmp_path, "ckpt")
     # A controller that copies the reference whenever the regulariser is positive, so all three differ.
     make_controller = lambda: DynamicReferenceController(kl_threshold=0.0, min_threshold=0.0, max_threshold=0.0)  # noqa: E731
-    first.nft.reference = make_controller()
+    first.objective.reference = make_controller()
     groups = [[_group(first.policy, 1, seed=1, group_id="g1")], [_group(first.policy, 0, seed=2, group_id="g2")]]
     first.train_groups(groups[0])
     state = first.adapter_state()
@@ -349,19 +349,19 @@ def test_broadcast_carries_the_old_adapter_and_resume_continues_exactly(pocket_w
     assert all(torch.equal(state[k], old[k]) for k in state)  # the sampling policy is the old adapter
     assert any(not torch.equal(state[k], theta[k]) for k in state)
     first.save_checkpoint()
-    saved, saved_nft = _adapters(first), first.nft.state_dict()
+    saved, saved_nft = _adapters(first), first.objective.state_dict()
     stats = first.train_groups(groups[1])
-    assert stats["nft_reference_copied"] is True  # the second epoch copied (the first one's regulariser > 0)
+    assert stats.objective_stats["nft_reference_copied"] is True  # the second epoch copied (the first one's regulariser > 0)
 
     second = _learner(pocket_weights, tmp_path, "ckpt")
-    second.nft.reference = make_controller()
+    second.objective.reference = make_controller()
     second.restore_latest()
     _assert_same(saved, _adapters(second))
-    assert second.nft.state_dict() == saved_nft
+    assert second.objective.state_dict() == saved_nft
     second.train_groups(groups[1])
     _assert_same(_adapters(first), _adapters(second))
-    assert second.nft.state_dict() == first.nft.state_dict()
-    assert first.nft.steps == 4 and first.nft.epoch == 2
+    assert second.objective.state_dict() == first.objective.state_dict()
+    assert first.objective.steps == 4 and first.objective.epoch == 2
 
 
 @pytest.mark.slow

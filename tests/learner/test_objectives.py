@@ -1,4 +1,4 @@
-"""AR-CoPO objective (learner/objectives.py) against an independent float64 NumPy computation."""
+"""AR-CoPO objective (learner/objectives/copo.py) against an independent float64 NumPy computation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner.objectives import (
+from learner.objectives.copo import (
     auto_tau,
     copo_loss,
     copo_loss_with_stats,

@@ -1,4 +1,4 @@
-"""SDE-GRPO log-probabilities and loss (learner/sde_grpo.py) against float64 NumPy."""
+"""SDE-GRPO log-probabilities and loss (learner/objectives/sde_grpo.py) against float64 NumPy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner.sde_grpo import sde_grpo_loss, sde_grpo_loss_with_stats, sde_step_log_prob, sde_step_mean_std
+from learner.objectives.sde_grpo import sde_grpo_loss, sde_grpo_loss_with_stats, sde_step_log_prob, sde_step_mean_std
 
 
 def np_step_mean_std(x_t, x0, sigma, sigma_next, eta):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from learner.updates import copo_group_loss
+from learner.objectives.copo import copo_group_loss
 from policy.noise_plan import NoisePlan
 from policy.recache import encode_schedule
 from policy.rollout import generate

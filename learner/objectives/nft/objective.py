@@ -1,4 +1,4 @@
-"""Astrolabe NFT inside the learner: the extra adapters, the streaming window update, the regularisers.
+"""Astrolabe NFT inside the learner: the extra adapters, the regularisers, the EMA, one iteration.
 
 Three LoRA adapters live on the learner's transformer:
 
@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from learner.nft import (
+from learner.settings import AlgorithmSettings
+from reward_service.settings import RewardSettings
+from learner.objectives.base import GroupWithAdvantages, GuardedStep, StepStats, mean
+from learner.objectives.nft.loss import (
     NFT_TIMESTEPS,
     DynamicReferenceController,
     SelectiveRegController,
@@ -41,14 +43,12 @@ from learner.nft import (
     reward_disagreement,
     select_uncertain,
 )
-from learner.settings import AlgorithmSettings
-from learner.updates import AdapterSwitch, NftAdapters, nft_group_update
+from learner.objectives.nft.streaming import AdapterSwitch, NftAdapters, NftChunkStats, nft_group_update
 from policy.lora import attach_adapter, export_adapter_state, import_adapter_state, set_active_adapter
 from policy.lora_precision import keep_adapter_in_float32
 from policy.pipeline import StreamingVideoPolicy
 from replay.record import CandidateGroup
 from reward_service.multi_reward import combine
-from reward_service.settings import RewardSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,10 @@ def nft_window(group: CandidateGroup, window_chunks: int | None) -> range:
     return range(group.pivot, stop)
 
 
-class NftTrainer:
+class NftObjective:
+    name = "nft"
+    checkpoint_adapters = CHECKPOINT_ADAPTERS
+
     def __init__(
         self,
         policy: StreamingVideoPolicy,
@@ -75,7 +78,7 @@ class NftTrainer:
         seed: int,
     ) -> None:
         if algorithm.objective != "nft":
-            raise ValueError(f"NftTrainer trains algorithm.objective=nft, not {algorithm.objective!r}")
+            raise ValueError(f"NftObjective trains algorithm.objective=nft, not {algorithm.objective!r}")
         if algorithm.mode != "on_policy":
             raise ValueError(f"algorithm.objective=nft trains on-policy only; algorithm.mode={algorithm.mode!r}")
         self.policy, self.alg, self.weights = policy, algorithm, dict(reward.weights)
@@ -155,39 +158,15 @@ class NftTrainer:
             draws.append((float(t), torch.randn((branches, f, *shape), generator=self.generator)))
         return draws
 
-    def train(self, groups: list[tuple[CandidateGroup, torch.Tensor]], optimizer: torch.optim.Optimizer, params: list,
-              guarded_step: Callable[[float, list[str]], tuple[bool, float]] | None = None) -> dict:
-        """One iteration on `(group, advantages [G])` pairs that carry a signal; returns statistics.
-
-        `guarded_step(loss, group ids)` clips the gradients and takes the optimiser step unless the
-        loss or the gradients are not finite, returning (taken, gradient norm) (the learner's
-        `NonFiniteGuard`); None clips and steps unconditionally."""
-        if guarded_step is None:
-            def guarded_step(loss: float, group_ids: list[str]) -> tuple[bool, float]:
-                norm = float(torch.nn.utils.clip_grad_norm_(params, alg.max_grad_norm))
-                optimizer.step()
-                return True, norm
-
-        alg = self.alg
+    def train_step(self, groups: list[GroupWithAdvantages], optimizer: torch.optim.Optimizer,
+                   guarded_step: GuardedStep) -> StepStats:
+        """One iteration (an Astrolabe epoch) on `(group, advantages [G])` pairs that carry a signal."""
         copied = self.begin_epoch()
         masks = self.select(groups) if self.adapters.reference is not None and groups else [None] * len(groups)
         chunk_stats, grad_norms, step_kls = [], [], []
-        for _ in range(alg.updates_per_iteration if groups else 0):
+        for _ in range(self.alg.updates_per_iteration if groups else 0):
             optimizer.zero_grad(set_to_none=True)
-            step = []
-            for (group, adv), selected in zip(groups, masks):
-                valid = torch.nonzero(group.reward_valid).flatten()
-                window = nft_window(group, alg.nft_window_chunks)
-                size = alg.nft_micro_batch or len(valid)
-                for lo in range(0, len(valid), size):  # micro-batches of branches, one graph each
-                    part = slice(lo, lo + size)
-                    branches = valid[part]
-                    step += nft_group_update(
-                        self.policy, group, branches, nft_reward_weight(adv[branches].float()), window,
-                        self._draws(window, len(branches)), self.adapters, self.switch, alg.nft_beta, alg.nft_kl_beta,
-                        selected=None if selected is None else selected[part],
-                        loss_scale=len(branches) / (len(valid) * len(groups) * len(window)),
-                    )
+            step = [s for (group, adv), selected in zip(groups, masks) for s in self._group_backward(group, adv, selected, len(groups))]
             stepped, grad_norm = guarded_step(sum(s.loss for s in step), [g.group_id for g, _ in groups])
             grad_norms.append(grad_norm)
             self.steps += stepped  # the EMA's clock counts the optimiser steps taken
@@ -195,21 +174,43 @@ class NftTrainer:
             chunk_stats += step
         self.last_epoch_kl = max(step_kls) if step_kls else None
         decay = self.end_epoch()
+        return StepStats(loss=mean([s.loss for s in chunk_stats]), grad_norm=mean(grad_norms),
+                         objective_stats=self._epoch_stats(groups, masks, chunk_stats, decay, copied))
+
+    def _group_backward(self, group: CandidateGroup, adv: torch.Tensor, selected: torch.Tensor | None,
+                        num_groups: int) -> list[NftChunkStats]:
+        """Back-propagate one group's share of the step's loss over its window, in micro-batches of
+        `nft_micro_batch` branches (one graph each, one timestep draw per micro-batch and chunk)."""
+        alg = self.alg
+        valid = torch.nonzero(group.reward_valid).flatten()
+        window = nft_window(group, alg.nft_window_chunks)
+        size = alg.nft_micro_batch or len(valid)
+        stats = []
+        for lo in range(0, len(valid), size):
+            part = slice(lo, lo + size)
+            branches = valid[part]
+            stats += nft_group_update(
+                self.policy, group, branches, nft_reward_weight(adv[branches].float()), window,
+                self._draws(window, len(branches)), self.adapters, self.switch, alg.nft_beta, alg.nft_kl_beta,
+                selected=None if selected is None else selected[part],
+                loss_scale=len(branches) / (len(valid) * num_groups * len(window)),
+            )
+        return stats
+
+    def _epoch_stats(self, groups: list[GroupWithAdvantages], masks: list, chunk_stats: list[NftChunkStats],
+                     decay: float, copied: bool) -> dict[str, float | bool]:
+        selective = self.adapters.reference is not None
         selected_count = sum(int(m.sum()) for m in masks if m is not None)
         samples = sum(int(g.reward_valid.sum()) for g, _ in groups)
         return {
-            "loss": _mean([s.loss for s in chunk_stats]),
-            "clip_fraction": math.nan,  # NFT has no ratio and no clip
-            "ratio_max_deviation": math.nan,
-            "grad_norm": _mean(grad_norms),
-            "nft_policy_loss": _mean([s.policy_loss for s in chunk_stats]),
-            "nft_kl_loss": _mean([s.kl_loss for s in chunk_stats]),
-            "nft_reg_loss": _mean([s.reg_loss for s in chunk_stats]),
-            "nft_old_deviation": _mean([s.old_deviation for s in chunk_stats]),
-            "nft_window_chunks": _mean([float(len(nft_window(g, alg.nft_window_chunks))) for g, _ in groups]),
+            "nft_policy_loss": mean([s.policy_loss for s in chunk_stats]),
+            "nft_kl_loss": mean([s.kl_loss for s in chunk_stats]),
+            "nft_reg_loss": mean([s.reg_loss for s in chunk_stats]),
+            "nft_old_deviation": mean([s.old_deviation for s in chunk_stats]),
+            "nft_window_chunks": mean([float(len(nft_window(g, self.alg.nft_window_chunks))) for g, _ in groups]),
             "nft_ema_decay": decay,
-            "nft_selected_fraction": selected_count / samples if samples and self.adapters.reference else 0.0,
-            "nft_beta_sel": self.selective.beta_sel if self.adapters.reference else 0.0,
+            "nft_selected_fraction": selected_count / samples if samples and selective else 0.0,
+            "nft_beta_sel": self.selective.beta_sel if selective else 0.0,
             "nft_reference_kl": self.last_epoch_kl if self.last_epoch_kl is not None else math.nan,
             "nft_reference_copied": copied,
         }
@@ -236,6 +237,3 @@ class NftTrainer:
         except KeyError as err:
             raise KeyError(f"NFT trainer state lacks {err}; the checkpoint was not written by an NFT run") from None
 
-
-def _mean(values: list[float]) -> float:
-    return float(sum(values) / len(values)) if values else math.nan

@@ -1,10 +1,7 @@
-"""The losses of one candidate group under the current policy, one function per objective.
-
-AR-CoPO and SDE-GRPO replay the stored pivot chunk through the current policy (the prefix KV cache
-rebuilt from the stored clean prefix, without gradient). Astrolabe NFT re-noises the clean endpoints
-of a window of chunks, each conditioned on the branch's earlier clean chunks through a rolling KV
-cache (`RollingContext`, `nft_group_update`). All hand tensors to the pure objectives in
-`learner.objectives`, `learner.sde_grpo` and `learner.nft`.
+"""Astrolabe NFT's streaming window: the NFT loss on a window of chunks of a group's clean endpoints,
+each chunk re-noised and predicted on the branch's earlier clean chunks through a rolling KV cache
+(`RollingContext`) under each of the models the loss compares (`AdapterSwitch`), one backward per
+chunk (`nft_group_update`). The loss itself is `learner.objectives.nft.loss`.
 """
 
 from __future__ import annotations
@@ -16,92 +13,13 @@ from dataclasses import dataclass
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from learner.nft import nft_forward_noise, nft_loss, selective_reg_loss
-from learner.objectives import copo_loss_with_stats
-from learner.sde_grpo import sde_grpo_loss_with_stats, sde_step_log_prob
+from learner.objectives.nft.loss import nft_forward_noise, nft_loss, selective_reg_loss
 from policy.lora import adapter_names
 from policy.pipeline import StreamingVideoPolicy
-from policy.pivot_replay import rebuild_prefix_cache, replay_pivot_chunk
-from policy.recache import encode_schedule
 from policy.sampler import x0_from_flow
 from replay.record import CandidateGroup
 
 
-@dataclass
-class GroupLoss:
-    loss: torch.Tensor  # scalar: with grad from `*_group_loss`, detached from `learner.micro_batches` (backward done)
-    clip_fraction: float
-    ratio_deviation: float  # max |rho - 1| (how far the update moved the surrogate policy)
-
-
-def _replay_steps(policy: StreamingVideoPolicy, group: CandidateGroup, branches: torch.Tensor, steps: range) -> torch.Tensor:
-    """x0 predictions of the current policy on the stored inputs of `branches` x `steps`: [B, len(steps), f, C, H, W]."""
-    text = encode_schedule(policy, group.prompt_schedule)  # one prompt, or LongLive's switches
-    cache = rebuild_prefix_cache(policy, text, group.prefix_latents)
-    step_index = torch.tensor(list(steps))
-    x_t = group.pivot_inputs[branches][:, step_index]  # [B, S, f, C, H, W]
-    t = group.timesteps[step_index][None].expand(len(branches), -1)
-    x0 = replay_pivot_chunk(policy, text, group.prefix_latents, x_t.flatten(0, 1), t.flatten(), prefix_cache=cache)
-    return x0.unflatten(0, (len(branches), len(steps)))
-
-
-def copo_group_loss(
-    policy: StreamingVideoPolicy,
-    group: CandidateGroup,
-    advantages: torch.Tensor,
-    anchors: torch.Tensor,
-    tau: float | str,
-    clip_eps: float | None,
-) -> GroupLoss:
-    """AR-CoPO on one group: the anchors' replayed x0 against every candidate's old x0, averaged over
-    the pivot chunk's T denoising steps (all B x T replays in one batched forward)."""
-    T = group.num_steps
-    x0_theta = _replay_steps(policy, group, anchors, range(T)).float()  # [B, T, ...]
-    x0_old = group.pivot_x0.to(x0_theta.device).float()  # [G, T, ...]
-    adv = advantages.to(x0_theta.device)[None].expand(len(anchors), -1)
-    anchors = anchors.to(x0_theta.device)
-    losses, clip_fracs, deviations = [], [], []
-    for k in range(T):
-        old_k = x0_old[:, k][None].expand(len(anchors), *x0_old[:, k].shape)
-        stats = copo_loss_with_stats(x0_theta[:, k], old_k, anchors, adv, tau, clip_eps)
-        losses.append(stats.loss)
-        clip_fracs.append(float(stats.clip_fraction))
-        deviations.append(float(stats.rho_max_deviation))
-    return GroupLoss(torch.stack(losses).mean(), sum(clip_fracs) / T, max(deviations))
-
-
-def sde_grpo_group_loss(
-    policy: StreamingVideoPolicy,
-    group: CandidateGroup,
-    advantages: torch.Tensor,
-    branches: torch.Tensor,
-    clip_eps: float | None,
-    eta: float,
-) -> GroupLoss:
-    """SDE-GRPO on one group whose branches differ in the pivot chunk's re-noise draws: the Gaussian
-    log-probability of each stored transition x_k -> x_{k+1} under the current and the old x0."""
-    T = group.num_steps
-    if T < 2:
-        raise ValueError("SDE-GRPO needs at least two denoising steps (one stochastic transition)")
-    x0_theta = _replay_steps(policy, group, branches, range(T - 1)).float()  # [B, T-1, ...]
-    device = x0_theta.device
-    inputs = group.pivot_inputs[branches].to(device).float()  # [B, T, ...]
-    x0_old = group.pivot_x0[branches].to(device).float()
-    sigmas = policy.sampler.sigmas(group.timesteps.to(device)).float()
-    adv = advantages.to(device)[branches.to(device)]
-    losses, clip_fracs, deviations = [], [], []
-    for k in range(T - 1):
-        args = (inputs[:, k + 1], inputs[:, k])
-        logp = sde_step_log_prob(*args, x0_theta[:, k], sigmas[k], sigmas[k + 1], eta)
-        logp_old = sde_step_log_prob(*args, x0_old[:, k], sigmas[k], sigmas[k + 1], eta)
-        stats = sde_grpo_loss_with_stats(logp, logp_old, adv, clip_eps if clip_eps is not None else float("inf"))
-        losses.append(stats.loss)
-        clip_fracs.append(float(stats.clip_fraction))
-        deviations.append(float((stats.ratio_mean - 1).abs()))
-    return GroupLoss(torch.stack(losses).mean(), sum(clip_fracs) / (T - 1), max(deviations))
-
-
-# ---------------------------------------------------------------- Astrolabe NFT: streaming window training
 class AdapterSwitch:
     """Runs the transformer under one of its LoRA adapters (or none: the frozen base) for a block, then
     returns to `home`, the trained adapter, active and trainable.
@@ -247,32 +165,13 @@ def nft_group_update(
     marks the branches the selective regulariser pulls towards `adapters.reference`, whose model
     runs on those branches only.
     """
-    if group.final_latents is None:
-        raise ValueError(f"group {group.group_id} has no final_latents; NFT trains on rollouts recorded with record_final_latents")
-    f, num_chunks = policy.frames_per_chunk, group.num_chunks
-    latents = group.final_latents[branches].to(policy.device, policy.dtype)  # [B, F, C, H, W]
-    if latents.shape[1] != num_chunks * f:
-        raise ValueError(f"group {group.group_id}: final_latents has {latents.shape[1]} frames, expected {num_chunks} chunks of {f}")
-    if not (0 <= window.start < window.stop <= num_chunks) or len(draws) != len(window):
-        raise ValueError(f"window {window} must lie in 0..{num_chunks} with one draw per chunk (got {len(draws)})")
+    f = policy.frames_per_chunk
+    latents = _window_latents(policy, group, branches, window, len(draws))  # [B, F, C, H, W]
     selective = adapters.reference is not None
     if selective and (selected is None or selected.shape != r.shape):
         raise ValueError("selective regularisation needs a bool mask `selected` over the branches")
     rows = torch.nonzero(selected).flatten() if selective else None
-
-    if len(group.prompt_schedule) > 1:
-        raise ValueError(f"group {group.group_id} switches prompts; the NFT rolling context runs one prompt")
-    text = policy.text_conditioning([group.prompt])
-    shared = latents[0, : min(window.start, group.pivot) * f]  # identical in every branch before the pivot
-    streams = {name: RollingContext(policy, text, switch, adapter, shared, len(branches))
-               for name, adapter in (("theta", adapters.trainable), ("old", adapters.old))}
-    if not selective and kl_beta > 0:
-        streams["base"] = RollingContext(policy, text, switch, None, shared, len(branches))
-    if selective and len(rows):
-        streams["ref"] = RollingContext(policy, text, switch, adapters.reference, shared, len(rows))
-    for c in range(shared.shape[0] // f, window.start):  # branch-specific chunks before the window
-        for name, stream in streams.items():
-            stream.append(_chunk(latents, c, f, rows if name == "ref" else None))
+    streams = _open_streams(policy, group, latents, window.start, adapters, switch, kl_beta, rows)
 
     r = r.to(policy.device, torch.float32)
     out = []
@@ -300,6 +199,50 @@ def nft_group_update(
         out.append(NftChunkStats(c, float(t), float(loss.detach()), float(stats.policy_loss), float(stats.kl_loss),
                                  float(reg.detach()), float(stats.old_deviation)))
     return out
+
+
+def _window_latents(policy: StreamingVideoPolicy, group: CandidateGroup, branches: torch.Tensor, window: range,
+                    num_draws: int) -> torch.Tensor:
+    """`branches`' clean endpoints on the policy's device, checked against the window and its draws."""
+    if group.final_latents is None:
+        raise ValueError(f"group {group.group_id} has no final_latents; NFT trains on rollouts recorded with record_final_latents")
+    f, num_chunks = policy.frames_per_chunk, group.num_chunks
+    latents = group.final_latents[branches].to(policy.device, policy.dtype)  # [B, F, C, H, W]
+    if latents.shape[1] != num_chunks * f:
+        raise ValueError(f"group {group.group_id}: final_latents has {latents.shape[1]} frames, expected {num_chunks} chunks of {f}")
+    if not (0 <= window.start < window.stop <= num_chunks) or num_draws != len(window):
+        raise ValueError(f"window {window} must lie in 0..{num_chunks} with one draw per chunk (got {num_draws})")
+    return latents
+
+
+def _open_streams(
+    policy: StreamingVideoPolicy,
+    group: CandidateGroup,
+    latents: torch.Tensor,
+    start: int,
+    adapters: NftAdapters,
+    switch: AdapterSwitch,
+    kl_beta: float,
+    rows: torch.Tensor | None,
+) -> dict[str, RollingContext]:
+    """The rolling contexts of the models the loss compares, filled with the branches' clean chunks
+    before chunk `start`: "theta" (trainable), "old", and "base" (KL to the frozen base) or "ref"
+    (selective regulariser, on the selected `rows` only)."""
+    if len(group.prompt_schedule) > 1:
+        raise ValueError(f"group {group.group_id} switches prompts; the NFT rolling context runs one prompt")
+    f, batch = policy.frames_per_chunk, latents.shape[0]
+    text = policy.text_conditioning([group.prompt])
+    shared = latents[0, : min(start, group.pivot) * f]  # identical in every branch before the pivot
+    streams = {name: RollingContext(policy, text, switch, adapter, shared, batch)
+               for name, adapter in (("theta", adapters.trainable), ("old", adapters.old))}
+    if rows is None and kl_beta > 0:
+        streams["base"] = RollingContext(policy, text, switch, None, shared, batch)
+    if rows is not None and len(rows):
+        streams["ref"] = RollingContext(policy, text, switch, adapters.reference, shared, len(rows))
+    for c in range(shared.shape[0] // f, start):  # branch-specific chunks before the window
+        for name, stream in streams.items():
+            stream.append(_chunk(latents, c, f, rows if name == "ref" else None))
+    return streams
 
 
 def _chunk(latents: torch.Tensor, c: int, f: int, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """AR-CoPO: the clipped contrastive GRPO objective over x0-space distances (paper Eq. 3-4).
 
-Every function here is a pure function of tensors; `docs/objectives.md` sets each one beside its
-equation. Shapes: `S` is the shape of one chunk's latents (`f, C, H, W`), `B` the anchors, `G` the
+The loss functions are pure functions of tensors; `docs/objectives.md` sets each one beside its
+equation. Below them, the learner's side: one group's loss on its replayed pivot chunk
+(`copo_group_loss`, `copo_group_backward` in micro-batches) and the `CopoObjective` that trains on a
+batch of groups. Shapes: `S` is the shape of one chunk's latents (`f, C, H, W`), `B` the anchors, `G` the
 group size.
 
     d_i       = mean_S (x0_old_i - x0_theta)^2                      distance of candidate i to the anchor
@@ -17,6 +19,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from learner.settings import AlgorithmSettings
+from learner.objectives.base import GroupWithAdvantages, GuardedStep, StepStats
+from learner.objectives.group_replay import GroupLoss, GroupReplay, pair_batches, replay_steps, train_on_groups
+from policy.pipeline import StreamingVideoPolicy
+from replay.record import CandidateGroup
 
 Tau = float | torch.Tensor | str
 
@@ -161,3 +169,102 @@ def sample_anchors(group_size: int, num_anchors: int, generator: torch.Generator
     if not 1 <= num_anchors <= group_size:
         raise ValueError(f"need 1 <= anchors ({num_anchors}) <= group size ({group_size})")
     return torch.randperm(group_size, generator=generator)[:num_anchors]
+
+
+# ---------------------------------------------------------------- the learner's side
+def copo_group_loss(
+    policy: StreamingVideoPolicy,
+    group: CandidateGroup,
+    advantages: torch.Tensor,
+    anchors: torch.Tensor,
+    tau: float | str,
+    clip_eps: float | None,
+) -> GroupLoss:
+    """AR-CoPO on one group: the anchors' replayed x0 against every candidate's old x0, averaged over
+    the pivot chunk's T denoising steps (all B x T replays in one batched forward)."""
+    T = group.num_steps
+    x0_theta = replay_steps(policy, group, anchors, range(T)).float()  # [B, T, ...]
+    x0_old = group.pivot_x0.to(x0_theta.device).float()  # [G, T, ...]
+    adv = advantages.to(x0_theta.device)[None].expand(len(anchors), -1)
+    anchors = anchors.to(x0_theta.device)
+    losses, clip_fracs, deviations = [], [], []
+    for k in range(T):
+        old_k = x0_old[:, k][None].expand(len(anchors), *x0_old[:, k].shape)
+        stats = copo_loss_with_stats(x0_theta[:, k], old_k, anchors, adv, tau, clip_eps)
+        losses.append(stats.loss)
+        clip_fracs.append(float(stats.clip_fraction))
+        deviations.append(float(stats.rho_max_deviation))
+    return GroupLoss(torch.stack(losses).mean(), sum(clip_fracs) / T, max(deviations))
+
+
+def copo_group_backward(
+    policy: StreamingVideoPolicy,
+    group: CandidateGroup,
+    advantages: torch.Tensor,
+    anchors: torch.Tensor,
+    tau: float | str,
+    clip_eps: float | None,
+    micro_batch_size: int | None,
+    loss_scale: float = 1.0,
+) -> GroupLoss:
+    """Back-propagate `loss_scale` x the AR-CoPO loss of `copo_group_loss`, in micro-batches of
+    (anchor, step) replays (`learner.objectives.group_replay`); returns it (detached) and its stats."""
+    if micro_batch_size is None:
+        out = copo_group_loss(policy, group, advantages, anchors, tau, clip_eps)
+        (out.loss * loss_scale).backward()
+        return GroupLoss(out.loss.detach(), out.clip_fraction, out.ratio_deviation)
+    B, T = len(anchors), group.num_steps
+    x0_old = group.pivot_x0.to(policy.device).float()  # [G, T, ...]
+    anchors = anchors.to(policy.device)
+    adv = advantages.to(policy.device)
+    # The step's temperature over all B anchors, as the single forward resolves it.
+    taus = [auto_tau(x0_old[:, k][None].expand(B, *x0_old[:, k].shape), anchors).double() if tau == "auto" else tau
+            for k in range(T)]
+    replay = GroupReplay(policy, group)
+    total, clip_fraction, deviation = 0.0, 0.0, 0.0
+    for pairs in pair_batches(B, T, micro_batch_size):
+        rows = torch.tensor([i for i, _ in pairs])
+        steps = torch.tensor([k for _, k in pairs])
+        x0_theta = replay.x0(anchors[rows].cpu(), steps)
+        loss = x0_theta.new_zeros(())
+        for k in steps.unique().tolist():
+            at = torch.nonzero(steps == k).flatten()
+            n = len(at)
+            stats = copo_loss_with_stats(x0_theta[at], x0_old[:, k][None].expand(n, *x0_old[:, k].shape),
+                                         anchors[rows[at]], adv[None].expand(n, -1), taus[k], clip_eps)
+            loss = loss + stats.loss * (n / (B * T))
+            clip_fraction += float(stats.clip_fraction) * n / (B * T)
+            deviation = max(deviation, float(stats.rho_max_deviation))
+        (loss * loss_scale).backward()
+        total += float(loss.detach())
+    return GroupLoss(torch.tensor(total), clip_fraction, deviation)
+
+
+class CopoObjective:
+    """AR-CoPO in the learner: each optimiser step draws `anchors_per_group` anchors among every group's
+    valid candidates (from the learner's checkpointed `anchor_rng`) and descends the groups' mean loss."""
+
+    name = "copo"
+    checkpoint_adapters: dict[str, str] = {}
+
+    def __init__(self, policy: StreamingVideoPolicy, trainable: str, algorithm: AlgorithmSettings,
+                 anchor_rng: torch.Generator) -> None:
+        self.policy, self.alg, self.anchor_rng = policy, algorithm, anchor_rng
+        self.sampling_adapter = trainable
+
+    def group_backward(self, group: CandidateGroup, adv: torch.Tensor, loss_scale: float) -> GroupLoss:
+        alg = self.alg
+        valid = torch.nonzero(group.reward_valid).flatten()
+        pick = sample_anchors(len(valid), min(alg.anchors_per_group, len(valid)), self.anchor_rng)
+        return copo_group_backward(self.policy, group, adv, valid[pick], alg.tau, alg.effective_clip_eps,
+                                   alg.micro_batch_size, loss_scale)
+
+    def train_step(self, groups: list[GroupWithAdvantages], optimizer: torch.optim.Optimizer,
+                   guarded_step: GuardedStep) -> StepStats:
+        return train_on_groups(groups, optimizer, self.alg.updates_per_iteration, self.group_backward, guarded_step)
+
+    def state_dict(self) -> dict:
+        return {}  # the anchor generator is the learner's (state.json's `anchor_rng`)
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
