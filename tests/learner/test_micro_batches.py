@@ -15,8 +15,8 @@ from learner.objectives.copo import copo_group_backward, copo_group_loss
 from learner.objectives.sde_grpo import sde_grpo_group_backward, sde_grpo_group_loss
 from policy.factory import build_configured_policy
 from policy.lora import attach_adapter, export_adapter_state, import_adapter_state
-from policy.pocket import domain
-from policy.pocket.preset import new_transformer, policy_from_transformer
+from pocket import domain
+from pocket.preset import new_transformer, policy_from_transformer
 from reward_service.result import RewardResult
 from rollout_workers.produce import produce_group
 from rollout_workers.tasks import RolloutTask

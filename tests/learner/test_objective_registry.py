@@ -18,7 +18,7 @@ from learner.objectives.group_replay import GroupLoss, train_on_groups
 from learner.objectives.nft.objective import OLD_ADAPTER, REFERENCE_ADAPTER, NftObjective
 from learner.objectives.sde_grpo import SdeGrpoObjective
 from policy.lora import adapter_names, attach_adapter
-from policy.pocket.preset import new_transformer, policy_from_transformer
+from pocket.preset import new_transformer, policy_from_transformer
 
 
 @pytest.fixture(scope="module")
