@@ -260,7 +260,7 @@ def evaluate(system: System, config: Config, prompts: list[str], seeds: list[int
     out = {f"eval_reward_{h}": _mean([r.rewards[h] for r in valid]) for h in weights}
     out["eval_reward_mean"] = _mean([float(combine({h: [r.rewards[h]] for h in weights}, weights)[0]) for r in valid])
     out["eval_invalid"] = len(results) - len(valid)
-    if ood is not None:
+    if ood is not None and len(frames) == len(prompts):  # workers that make no videos (simulated) give none
         out[f"eval_{ood_column(ood)}"] = ood_metric(ood, frames, prompts)
     media = []
     if frames:

@@ -35,7 +35,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from actor_group import ActorGroup, Member, wait_any
 from controller.config import Config
 from replay import ReplayUnavailableError, StoreLostError, open_store
-from rollout_workers.tasks import GroupSummary, RolloutTask
+from rollout_workers.tasks import GroupSummary, RolloutTask, WorkerInfo
 from rollout_workers.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class RolloutFleet:
         """Handles of the ready workers (the ones that take tasks now)."""
         return [m.handle for m in self.group.members if m.takes_work]
 
-    def infos(self) -> list[dict]:
+    def infos(self) -> list[WorkerInfo]:
         """What each ready worker says about itself (name, pid, adapter version, ...)."""
         return ray.get([h.info.remote() for h in self.handles()])
 
@@ -265,12 +265,13 @@ class RolloutFleet:
 
     def _catch_up(self, member: Member) -> None:
         """Give a worker that just became ready the last broadcast adapter, if it holds an older one."""
-        if self._latest_adapter is None or member.info.get("adapter") is None:
+        info: WorkerInfo | None = member.info
+        if self._latest_adapter is None or info is None or info.adapter is None:
             return
         version, ref = self._latest_adapter
-        if member.info.get("version", version) < version:
+        if info.version < version:
             try:
-                member.info["version"] = ray.get(member.handle.set_adapter.remote(version, ref))
+                info.version = ray.get(member.handle.set_adapter.remote(version, ref))
             except RayActorError:
                 self.group.reprobe(member)  # died again: it pulls the adapter when restarted
 

@@ -35,7 +35,7 @@ from reward_service.server import remote_score
 from rollout_workers.adapter_source import pull_current_adapter
 from rollout_workers.delivery import deliver_group, valid_reward_means
 from rollout_workers.settings import WorkerSettings
-from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask
+from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask, WorkerInfo
 
 STAND_IN_HEADS = ("VQ", "MQ", "TA")
 GEOMETRY_KEYS = ("channels", "height", "width", "frames_per_chunk", "num_chunks", "num_steps")
@@ -130,15 +130,9 @@ class SimulatedRolloutWorker:
         self.min_valid = self.settings.min_valid_per_group
         self.groups_produced = 0
 
-    def info(self) -> dict:
-        return {
-            "name": self.name,
-            "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "adapter": self.adapter,
-            "version": self.version,
-            "groups_produced": self.groups_produced,
-        }
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(name=self.name, pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id(),
+                          adapter=self.adapter, version=self.version, groups_produced=self.groups_produced)
 
     def set_adapter(self, version: int, state: dict[str, torch.Tensor], force: bool = False) -> int:
         if self.adapter is None:

@@ -67,3 +67,16 @@ class EvalResult(BaseModel):
     rewards: dict[str, float]
     valid: bool
     reason: str = ""
+
+
+class WorkerInfo(BaseModel):
+    """What a rollout worker says about itself when the fleet probes it (`RolloutWorker.info`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    pid: int
+    adapter: str | None  # None: a reference worker, which takes no adapter
+    version: int = Field(ge=0)  # the adapter version it holds
+    node_id: str | None = None
+    groups_produced: int | None = None  # simulated workers count what they made

@@ -24,7 +24,7 @@ from rollout_workers.adapter_source import pull_current_adapter
 from rollout_workers.delivery import deliver_group, valid_reward_means
 from rollout_workers.produce import decode_videos, eval_latents, produce_group
 from rollout_workers.settings import WorkerSettings
-from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask
+from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ class RolloutWorker:
         self.min_valid = self.settings.min_valid_per_group
         log.info("rollout worker %s ready (pid %d, adapter %s v%d)", name, os.getpid(), self.adapter, self.version)
 
-    def info(self) -> dict:
-        return {"name": self.name, "pid": os.getpid(), "adapter": self.adapter, "version": self.version}
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(name=self.name, pid=os.getpid(), adapter=self.adapter, version=self.version)
 
     def set_adapter(self, version: int, state: dict[str, torch.Tensor], force: bool = False) -> int:
         """Load adapter weights broadcast by the learner (only LoRA tensors cross the network).

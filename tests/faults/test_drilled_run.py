@@ -312,19 +312,19 @@ def test_scaled_mid_run_without_touching_the_learner(drilled_run):
     run = drilled_run
     later = run.after[1]
     assert later["fleet_size"] == 3 and later["reward_actors"] == 2
-    assert "rollout-2" not in {w["name"] for w in later["workers"]}  # no node had room for it yet
+    assert "rollout-2" not in {w.name for w in later["workers"]}  # no node had room for it yet
     assert later["learner_restarts"] == 0 and later["version"] == 2  # the learner kept training
     # The node that joined after iteration 1 got the waiting worker (the third one, or one that Ray
     # restarted while the third took its slot) and the three took tasks.
     assert len(run.after[3]["workers"]) == 3
-    assert run.joined_node_id in {w["node_id"] for i in (2, 3, 4) for w in run.after[i]["workers"]}
+    assert run.joined_node_id in {w.node_id for i in (2, 3, 4) for w in run.after[i]["workers"]}
     assert run.after[4]["produced"].get((("worker", "rollout-2"),), 0) > 0
     final = run.after[ITERATIONS - 1]
-    names = {w["name"] for w in final["workers"]}
+    names = {w.name for w in final["workers"]}
     assert len(names) == 3
-    assert {w["version"] for w in final["workers"]} == {ITERATIONS}  # all hold the learner's adapter
+    assert {w.version for w in final["workers"]} == {ITERATIONS}  # all hold the learner's adapter
     # Workers run on rollout nodes (rollout_slot), the learner on the head (learner_slot).
-    assert all(w["node_id"] != run.head_node_id for w in final["workers"])
+    assert all(w.node_id != run.head_node_id for w in final["workers"])
 
 
 def _scrape(ports: list[int]) -> dict[tuple[str, frozenset], float]:
