@@ -261,7 +261,10 @@ def evaluate(system: System, config: Config, prompts: list[str], seeds: list[int
     out["eval_reward_mean"] = _mean([float(combine({h: [r.rewards[h]] for h in weights}, weights)[0]) for r in valid])
     out["eval_invalid"] = len(results) - len(valid)
     if ood is not None and len(frames) == len(prompts):  # workers that make no videos (simulated) give none
-        out[f"eval_{ood_column(ood)}"] = ood_metric(ood, frames, prompts)
+        try:
+            out[f"eval_{ood_column(ood)}"] = ood_metric(ood, frames, prompts)
+        except ValueError as err:  # e.g. a feature distance over too few held-out videos
+            log.warning("out-of-domain metric %s left out of %s: %s", ood, tag, err)
     media = []
     if frames:
         labels = [f"{r.prompt} (seed {r.seed})" for r in results[:shown]]
