@@ -11,6 +11,7 @@ from typing import Any
 
 from controller.config import redact_secrets
 from controller.metrics import PHASES
+from policy.video_io import save_figure
 
 REQUIRED_KEYS = ("iteration", "reward_mean", "loss", "clip_fraction", "policy_version")
 
@@ -145,12 +146,7 @@ def plot_reward_curves(rows: list[dict[str, Any]], out_png: Path, title: str = "
     ax_eval.set_xlabel("iterations done (0: base model)")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=110)
 
 
 def _plot_ood(ax, rows: list[dict[str, Any]], key: str = "eval_fvd_p") -> None:

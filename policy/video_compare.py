@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from policy.video_io import filmstrip
+from policy.video_io import filmstrip, save_figure
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,4 @@ def comparison_sheet(
             ax.set_title(f"{title}: {label}", fontsize=8, loc="left")
             ax.text(0.0, -0.06, cell.caption, transform=ax.transAxes, fontsize=8, va="top", family="monospace")
             ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

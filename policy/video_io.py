@@ -61,10 +61,17 @@ def contact_sheet(
         ax.imshow(row, interpolation="nearest")
         ax.set_title(label, fontsize=8, loc="left")
         ax.axis("off")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Lay out a matplotlib figure, write it as a PNG (parents created) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
