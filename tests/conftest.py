@@ -25,6 +25,17 @@ def redis_prefix():
     client.close()
 
 
+@pytest.fixture
+def single_torch_thread():
+    """Tiny models are dominated by per-op overhead; a second intra-op thread only adds contention."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def untrained_pocket_weights(tmp_path_factory):
     """A pocket-preset weights directory with random (untrained) weights, for tests of mechanics."""

@@ -28,12 +28,7 @@ SMALL = ["lora.rank=2", "lora.alpha=4", "algorithm.group_size=4", "algorithm.anc
          "algorithm.updates_per_iteration=1", "algorithm.max_nonfinite_steps=2"]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def good(i: int, **geometry):

@@ -24,12 +24,7 @@ from rollout_workers.tasks import RolloutTask
 HEADS = ("VQ", "MQ", "TA")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _score(seed: int):

@@ -15,7 +15,6 @@ from learner.checkpoint import checkpoint_dir
 from learner.learner_actor import Learner
 from policy.lora import ADAPTER_WEIGHTS_FILE, export_adapter_state
 from pocket import domain
-from replay import open_store
 from reward_service.result import RewardResult
 from rollout_workers.delivery import deliver_group
 from rollout_workers.produce import produce_group
@@ -24,12 +23,7 @@ from rollout_workers.tasks import RolloutTask
 HEADS = ("VQ", "MQ", "TA")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _learner(tmp_path, name: str, store: str) -> Learner:

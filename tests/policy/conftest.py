@@ -11,12 +11,8 @@ from policy.presets import build_policy, get_preset
 
 
 @pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models are dominated by per-op overhead; a second intra-op thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(single_torch_thread):
+    """Every policy test runs on one intra-op thread (tests/conftest.py)."""
 
 
 class ToyTextEncoder:

@@ -20,12 +20,7 @@ from tests.policy.conftest import make_policy
 A, B = "a paper boat drifts", "rain starts to fall on the boat"
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second intra-op thread only adds contention
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 class BlankCodec:
