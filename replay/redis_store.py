@@ -12,7 +12,7 @@ Keys, all under the store's prefix:
     buffer:sampled          hash: group id -> times sampled
     buffer:seq              insertion counter (sampling order is insertion order, so a seeded rng repeats)
 
-Blob keys are written with an expiry and made persistent by the same Lua script that admits the
+Blob keys are written with an expiry, only while the epoch is this run's, and made persistent by the same Lua script that admits the
 entry, so a producer that dies halfway leaves nothing behind for long. The admission script checks
 the queue length, so the bound holds with any number of producers. An entry stays in the stream
 until acked (ack = XACK + XDEL), so XLEN is the number of unacked groups. A vanished stream, or an
@@ -158,10 +158,20 @@ class RedisStore(RedisBuffer, ReplayStore):
         keys = self._blob_keys(token, len(pieces))
 
         def write() -> None:
-            pipe = self._redis.pipeline(transaction=False)
-            for key, piece in zip(keys, pieces):
-                pipe.set(key, piece, ex=ttl_s)
-            pipe.execute()
+            # Written only while the store still has this run's epoch (WATCH + MULTI): a producer racing a
+            # store that lost its data must not leave blobs in the emptied store.
+            with self._redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(self._epoch_key)
+                    found = pipe.get(self._epoch_key)
+                    if found is None or _text(found) != self._epoch:
+                        raise self._lost(what, None if found is None else _text(found))
+                    pipe.multi()
+                    for key, piece in zip(keys, pieces):
+                        pipe.set(key, piece, ex=ttl_s)
+                    pipe.execute()
+                except redis.WatchError:
+                    raise self._lost(what) from None
 
         self._retry(write, what)
         return token, keys, size

@@ -137,6 +137,10 @@ def test_the_run_epoch_is_kept_across_processes_and_a_replaced_store_is_refused(
             (store.root / sub).mkdir()
     with pytest.raises(replay.StoreLostError, match=f"this run's store has epoch {epoch}"):
         store.push(group(1))
+    with pytest.raises(replay.StoreLostError, match=f"this run's store has epoch {epoch}"):
+        store.buffer_add(group(2))
+    if make_store.backend == "redis":  # not even the payload's blob keys were written to the emptied store
+        assert list(client.scan_iter(match=prefix + "*")) == []
     with pytest.raises(replay.StoreLostError):
         make_store(epoch=epoch)
 
@@ -148,3 +152,25 @@ def test_mark_applied_rebuilds_an_applied_set_and_refuses_those_groups_again(mak
     assert store.push(group(1)) is None and store.push(group(3)) is not None  # group-1 counts as applied
     assert [d.group_id for d in store.pull(5, "learner")] == ["group-3"]
     assert all(store.is_applied(f"group-{i}") for i in range(3)) and not store.is_applied("group-3")
+
+
+def test_a_producer_writes_no_payload_into_a_store_that_lost_its_epoch(redis_prefix):
+    """A producer killed between writing a payload and admitting it must not have written into an emptied
+    store: the blob keys are written only while the run's epoch is there (checked in the same transaction)."""
+    store = replay.open_store(f"{SHARED}?prefix={redis_prefix}", **FAST)
+    try:
+        store.push(group(0))
+        client = redis.Redis.from_url(SHARED)
+        client.delete(redis_prefix + "epoch")
+        for key in client.scan_iter(match=redis_prefix + "*"):
+            client.delete(key)
+
+        def killed_before_admission(*args, **kwargs):
+            raise SystemExit("the producer died after writing its payload")
+
+        store._admit = killed_before_admission
+        with pytest.raises(replay.StoreLostError, match="has no run epoch"):
+            store.push(group(1))
+        assert list(client.scan_iter(match=redis_prefix + "*")) == []
+    finally:
+        store.close()
