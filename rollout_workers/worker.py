@@ -75,6 +75,7 @@ class RolloutWorker:
         return remote_score(self.reward_server, videos, prompts)
 
     def produce(self, task: RolloutTask) -> GroupSummary:
+        started_at = time.time()
         produced = produce_group(self.policy, task, self.version, self._score, self.heads,
                                  self.settings.rollout.branch_batch_size, self.settings.rollout.decode_batch_size)
         group = produced.group
@@ -95,6 +96,8 @@ class RolloutWorker:
             decode_s=produced.decode_s,
             reward_s=produced.reward_s,
             push_s=time.perf_counter() - t0,
+            started_at=started_at,
+            finished_at=time.time(),
         )
 
     @torch.no_grad()
