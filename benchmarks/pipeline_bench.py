@@ -48,7 +48,7 @@ def _run(output: Path, lag: int, rollout_s: float, update_s: float, workers: int
         "run.eval_prompts_limit=1", "run.trackers=[jsonl]", f"algorithm.groups_per_iteration={groups}",
         "algorithm.group_size=4", "algorithm.anchors_per_group=2", "algorithm.updates_per_iteration=1",
         f"algorithm.max_policy_lag={lag}", "lora.rank=2", "lora.alpha=4",
-        f"rollout.num_workers={workers}", "rollout.num_cpus_per_worker=0", f"reward.model='{FIXED_COST_REWARD}'",
+        f"rollout.num_workers={workers}", "rollout.num_cpus_per_worker=0.01", f"reward.model='{FIXED_COST_REWARD}'",
         "reward.num_actors=1", "reward.batch_size=4",
     ])
     finished: list[float] = []
