@@ -92,7 +92,7 @@ class System:
     def rollout(self, tasks: list[RolloutTask], next_tasks: list[RolloutTask] = ()) -> list[GroupSummary]:
         """The groups of `tasks` (made now, or already running since the iteration before); with
         pipelining, `next_tasks` start behind them and run through the update. A group staler than
-        `algorithm.max_policy_lag` comes back as dropped (`stale ...`): the learner's pull drops it."""
+        `algorithm.max_policy_lag` comes back as dropped (`stale (...)`): the learner's pull drops it."""
         t0 = time.perf_counter()
         summaries = self.fleet.collect(tasks, on_tick=self.apply_scaling)
         if self.max_policy_lag >= 1:
@@ -113,8 +113,8 @@ class System:
         oldest = min_policy_version(self.version, self.max_policy_lag)
         if not summary.stored or summary.policy_version >= oldest:
             return summary
-        why = (f"stale: made by policy version {summary.policy_version}, the learner is at {self.version} "
-               f"(algorithm.max_policy_lag={self.max_policy_lag})")
+        why = (f"stale (made by policy version {summary.policy_version}, the learner is at {self.version}; "
+               f"algorithm.max_policy_lag={self.max_policy_lag})")
         return summary.model_copy(update={"stored": False, "drop_reason": why})
 
     def update_on_policy(self, num_groups: int) -> UpdateStats:

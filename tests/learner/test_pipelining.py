@@ -67,6 +67,7 @@ def _run(tmp_path, weights, lag: int) -> dict:
 
     def on_iteration(system, row):
         seen["timeline"] = [span for span in system.timeline if span[0] == "update"]
+        seen["stale_metric"] = system.metrics.value("groups_dropped_total", reason="stale")
 
     summaries: list = []
     import controller.system as system_module
@@ -92,7 +93,7 @@ def _run(tmp_path, weights, lag: int) -> dict:
     with open_store((output / "replay").resolve().as_uri()) as store:
         stats = store.stats()
     return {"rows": rows, "ids": ids, "summaries": summaries, "updates": seen["timeline"], "applied": applied,
-            "stats": stats}
+            "stats": stats, "stale_metric": seen["stale_metric"]}
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +153,4 @@ def test_every_group_applied_once_and_a_stale_one_dropped_counted_and_not_waited
     assert sorted(run["applied"]) == sorted(expected) and len(set(run["applied"])) == len(run["applied"])
     assert run["stats"].stale_dropped == 1 and run["stats"].queue_length == 0
     assert run["stats"].acked == len(expected)
+    assert run["stale_metric"] == 1  # ray_arcopo_groups_dropped_total{reason="stale"}
