@@ -6,7 +6,8 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("policy_bench", "replay_bench", "poison_bench", "reward_bench", "http_reward_bench", "scaling_bench", "long_video_bench")
+BENCHMARKS = ("policy_bench", "replay_bench", "poison_bench", "reward_bench", "http_reward_bench", "scaling_bench", "long_video_bench",
+              "pipeline_bench")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,8 @@ iteration follows the paper's Algorithm 1:
     2-6   rollout workers generate chunks 1..p-1 once, fork G branches at p by perturbing only
           chunk p's initial noise, complete every branch, decode, score each whole video, and push
           the group to the replay store                                        (System.rollout)
+          (with `algorithm.max_policy_lag` >= 1 the next iteration's groups are made meanwhile,
+          by the adapter of the version before: pipelining, a property of System's steps)
     7-9   the learner computes group advantages, replays chunk p under the current policy and
           takes clipped contrastive GRPO steps                                 (System.update_*)
           then broadcasts the new LoRA weights to the workers                 (System.broadcast)
@@ -173,7 +175,9 @@ def train_iteration(system: System, sampler: TaskSampler, alg: AlgorithmSettings
     """One iteration of Algorithm 1; returns the update's statistics and the groups' summaries."""
     if alg.mode == "on_policy":
         tasks = sampler.tasks(iteration, alg.groups_per_iteration)  # 1: pivots, prompts, seeds
-        summaries = system.rollout(tasks)  # 2-6: fork at the pivot, complete, score, push
+        # 2-6: fork at the pivot, complete, score, push; with pipelining (algorithm.max_policy_lag >= 1)
+        # the next iteration's groups are made behind them, through the update below
+        summaries = system.rollout(tasks, next_tasks=sampler.next_tasks(iteration, alg.groups_per_iteration))
         stats = system.update_on_policy(sum(s.stored for s in summaries))  # 7-9
         system.broadcast()
         return stats, summaries
@@ -236,6 +240,7 @@ def iteration_row(config: Config, iteration: int, stats: UpdateStats, summaries:
         "groups": stats.groups,
         "groups_without_signal": stats.groups_without_signal,
         "groups_dropped": sum(not s.stored for s in summaries),
+        "groups_stale": sum(s.drop_reason.startswith("stale") for s in summaries),  # of those dropped
         "groups_quarantined": stats.groups_quarantined,
         "nonfinite_steps": stats.nonfinite_steps,
         "seconds": seconds,

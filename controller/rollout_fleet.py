@@ -4,6 +4,14 @@ Tasks are handed out dynamically (a ready worker gets the next task when it fini
 or more workers simply take more. Tasks are deterministic in their seed, so a re-run produces the
 same group under the same id, which the replay store and the learner apply at most once.
 
+Work runs in the background of the driver's other calls: `submit` queues tasks, `pump` hands them out
+and takes in what finished, `collect` pumps until the tasks it names are done (`run` = submit +
+collect). With pipelining (`algorithm.max_policy_lag` >= 1) the system submits the next iteration's
+tasks and pumps the fleet while the learner updates; `broadcast(wait=False)` then queues the new
+adapter on each worker behind the group it is making, so it takes effect between groups. `abandon`
+forgets every queued and unfinished task (the learner went back to an older checkpoint: those tasks
+are asked for again, their late results are ignored; a group they pushed is applied at most once).
+
 Membership changes while tasks run: `resize` starts workers without waiting for them (a worker
 whose resources are not there yet, e.g. until the autoscaler adds a node, simply stays "starting"),
 and a worker gets tasks once its constructor has returned, having pulled the current adapter from
@@ -82,6 +90,13 @@ class RolloutFleet:
         self.init_failures = 0  # worker constructors failed in a row
         self._latest_adapter: tuple[int, ray.ObjectRef] | None = None
         self.max_init_failures = 5
+        # The background work: tasks not handed out yet, attempts and results of every task asked for
+        # (and not collected yet), and the adapter loads a non-waiting broadcast queued.
+        self._pending: deque[RolloutTask] = deque()
+        self._attempts: dict[str, int] = {}
+        self._results: dict[str, GroupSummary] = {}
+        self._adapter_loads: dict[ray.ObjectRef, tuple[Member, int]] = {}
+        self.in_flight_per_worker = 1
         self.resize(num_workers, wait=wait)
 
     # ------------------------------------------------------------------ membership
@@ -138,17 +153,23 @@ class RolloutFleet:
         self.group.shutdown()
 
     # ------------------------------------------------------------------ broadcast
-    def broadcast(self, version: int, adapter_ref: ray.ObjectRef, force: bool = False) -> None:
+    def broadcast(self, version: int, adapter_ref: ray.ObjectRef, force: bool = False, wait: bool = True) -> None:
         """Every worker loads adapter `version` (passed by reference: fetched once per node).
 
         Starting workers get it once ready (if their constructor pulled an older one); a worker that
         dies meanwhile pulls the current adapter when Ray restarts it. After the learner was restored
         from an older checkpoint, `force` makes the workers take its (older) adapter; a worker that
-        still keeps another version is replaced, so it starts from the learner's adapter."""
+        still keeps another version is replaced, so it starts from the learner's adapter.
+
+        Without `wait` the load is queued on each worker behind the group it is making (a worker runs
+        its calls in order) and its answer is taken in by `pump`: a busy fleet is not held up."""
         self._latest_adapter = (version, adapter_ref)  # what starting workers get once ready
         ready = [m for m in self.group.members if m.takes_work]
-        futures = [m.handle.set_adapter.remote(version, adapter_ref, force) for m in ready]
-        for member, future in zip(ready, futures):
+        futures = {m.handle.set_adapter.remote(version, adapter_ref, force): (m, version) for m in ready}
+        if not wait:
+            self._adapter_loads.update(futures)
+            return
+        for future, (member, _) in futures.items():
             try:
                 held = ray.get(future)
             except RayActorError as err:
@@ -156,9 +177,35 @@ class RolloutFleet:
                 self.group.reprobe(member)
                 continue
             if held != version:
-                self.group.replace(member, f"it holds adapter version {held}, the learner's is {version}")
+                self._replace(member, f"it holds adapter version {held}, the learner's is {version}")
+
+    def _adapter_loaded(self, ref: ray.ObjectRef) -> None:
+        """Take in the answer of an adapter load a non-waiting broadcast queued."""
+        member, version = self._adapter_loads.pop(ref)
+        if member not in self.group.members:
+            return  # replaced meanwhile
+        try:
+            held = ray.get(ref)
+        except RayActorError as err:
+            log.warning("broadcast to %s failed (%s); it reloads the adapter when restarted", member.name, type(err).__name__)
+            self.group.reprobe(member)
+            return
+        if held < version:  # a later broadcast's answer decides when it holds a newer one
+            self._replace(member, f"it holds adapter version {held}, the learner's is {version}")
+
+    def _replace(self, member: Member, why: str) -> None:
+        """Replace `member`; the tasks it was making go back to the queue."""
+        orphans = list(member.busy.values())
+        member.busy.clear()
+        self.group.replace(member, why)
+        self._requeue(orphans)
 
     # ------------------------------------------------------------------ work
+    @property
+    def busy(self) -> bool:
+        """Tasks asked for are still queued or being made."""
+        return bool(self._pending) or any(t.group_id in self._attempts for m in self.group.members for t in m.busy.values())
+
     def run(
         self,
         tasks: list[RolloutTask],
@@ -168,34 +215,68 @@ class RolloutFleet:
         """Run every task to completion (retrying those whose worker died); summaries in task order.
 
         `on_tick` is called about once a second (the driver applies scaling requests there)."""
-        pending = deque(tasks)
-        results: dict[str, GroupSummary] = {}
-        attempts: dict[str, int] = {t.group_id: 0 for t in tasks}
-        while pending or any(m.busy for m in self.group.members):
+        self.in_flight_per_worker = in_flight_per_worker
+        return self.collect(tasks, on_tick)
+
+    def submit(self, tasks: list[RolloutTask]) -> None:
+        """Queue `tasks` (those asked for already, queued, running or done, are not asked for twice)."""
+        for task in tasks:
+            if task.group_id not in self._attempts:
+                self._attempts[task.group_id] = 0
+                self._pending.append(task)
+
+    def collect(self, tasks: list[RolloutTask], on_tick: Callable[[], None] | None = None) -> list[GroupSummary]:
+        """Submit `tasks` if not yet asked for, pump until every one is done; summaries in task order."""
+        self.submit(tasks)
+        while any(t.group_id not in self._results for t in tasks):
             if on_tick is not None:
                 on_tick()
-            self._hand_out(pending, attempts, in_flight_per_worker)
-            if not self.group.members:
-                raise RuntimeError("rollout tasks remain but the fleet has no worker")
-            for member, task, outcome in self._poll(timeout=1.0):
-                if isinstance(outcome, GroupSummary):
-                    results[task.group_id] = outcome
-                    continue
-                self._failed(member, task, outcome, attempts)
-                pending.append(task)
-            self.group.retire_idle()
-        return [results[t.group_id] for t in tasks]
+            self.pump(timeout=1.0)
+        out = [self._results.pop(t.group_id) for t in tasks]
+        for t in tasks:
+            del self._attempts[t.group_id]
+        return out
 
-    def _hand_out(self, pending: deque, attempts: dict[str, int], in_flight_per_worker: int) -> None:
+    def pump(self, timeout: float) -> None:
+        """Hand out queued tasks and take in what finished, waiting at most `timeout` for it."""
+        self._hand_out()
+        if not self.group.members and self._pending:
+            raise RuntimeError("rollout tasks remain but the fleet has no worker")
+        self._poll(timeout)
+        self.group.retire_idle()
+
+    def abandon(self) -> int:
+        """Forget every task asked for and not collected: queued ones are dropped, results of running
+        ones ignored when they come. Returns how many were forgotten."""
+        forgotten = len(self._attempts)
+        self._pending.clear()
+        self._attempts.clear()
+        self._results.clear()
+        return forgotten
+
+    def _requeue(self, tasks: list[RolloutTask]) -> None:
+        self._pending.extend(t for t in tasks if t.group_id in self._attempts and t.group_id not in self._results)
+
+    def _hand_out(self) -> None:
         # Least recently given a task first, so every worker (a new one too) shares the work.
         for member in sorted(self.group.members, key=lambda m: m.last_work_at):
-            while member.takes_work and pending and len(member.busy) < in_flight_per_worker:
-                task = pending.popleft()
-                attempts[task.group_id] += 1
+            while member.takes_work and self._pending and len(member.busy) < self.in_flight_per_worker:
+                task = self._pending.popleft()
+                self._attempts[task.group_id] += 1
                 self.group.submit(member, member.handle.produce.remote(task), task)
 
-    def _failed(self, member: Member, task: RolloutTask, error: Exception, attempts: dict[str, int]) -> None:
+    def _finished(self, member: Member, task: RolloutTask, outcome: object) -> None:
+        if task.group_id not in self._attempts:
+            return  # abandoned: its group (if it pushed one) is applied at most once like any other
+        if isinstance(outcome, GroupSummary):
+            self._results[task.group_id] = outcome
+            return
+        self._failed(member, task, outcome)
+        self._pending.append(task)
+
+    def _failed(self, member: Member, task: RolloutTask, error: Exception) -> None:
         """Account for a failed task before it is handed out again; raise if the run cannot go on."""
+        attempts = self._attempts
         self.failures += 1
         if isinstance(error, StoreLostError):
             raise error  # the run's store lost its data: retrying the task cannot help
@@ -211,29 +292,31 @@ class RolloutFleet:
         else:
             log.warning("rollout of %s failed on %s (%s); retrying", task.group_id, member.name, type(error).__name__)
 
-    def _poll(self, timeout: float) -> list[tuple[Member, RolloutTask, object]]:
-        """Wait up to `timeout` for a task or a readiness probe; returns finished tasks as
-        (member, task, GroupSummary or the exception it failed with)."""
+    def _poll(self, timeout: float) -> None:
+        """Wait up to `timeout` for a task, a readiness probe or an adapter load, and act on what came."""
         waiting = self.group.waiting()
-        finished = []
-        for ref in wait_any(list(waiting), min(timeout, self.group.next_ping_in())):
+        refs = list(waiting) + list(self._adapter_loads)
+        for ref in wait_any(refs, min(timeout, self.group.next_ping_in())):
+            if ref in self._adapter_loads:
+                self._adapter_loaded(ref)
+                continue
             member = waiting[ref]
             if ref is member.probe:
-                orphans = self._probe_done(member, ref)
-                finished.extend((member, task, RuntimeError(f"worker {member.name} was replaced")) for task in orphans)
+                for task in self._probe_done(member, ref):
+                    self._finished(member, task, RuntimeError(f"worker {member.name} was replaced"))
                 continue
             if ref not in member.busy:  # its worker was replaced meanwhile: the task is an orphan above
                 continue
             task = member.busy.pop(ref)
             try:
-                finished.append((member, task, ray.get(ref)))
+                outcome = ray.get(ref)
             except RayActorError as err:
                 self.group.reprobe(member)  # answered once Ray has restarted it
-                finished.append((member, task, err))
+                outcome = err
             except RayTaskError as err:
                 cause = err.cause if isinstance(err.cause, Exception) else err
-                finished.append((member, task, cause if isinstance(cause, (ReplayUnavailableError, StoreLostError)) else err))
-        return finished
+                outcome = cause if isinstance(cause, (ReplayUnavailableError, StoreLostError)) else err
+            self._finished(member, task, outcome)
 
     def _probe_done(self, member: Member, ref: ray.ObjectRef) -> list[RolloutTask]:
         """Act on a readiness probe; returns the tasks of a worker that had to be replaced."""

@@ -5,6 +5,12 @@ only small typed summaries and object references pass through the driver. Its pa
 start-up (controller.assembly), the learner and its fault recovery (controller.learner_handle),
 scaling (controller.fleet_scaling); rollout worker and reward actor failures are handled by the fleet
 and the reward pool (docs/operations.md).
+
+Pipelining (`algorithm.max_policy_lag` >= 1) is a property of these steps, not of the driver's loop:
+`rollout` leaves the next iteration's tasks running on the fleet, `update_on_policy` keeps the fleet
+pumping while the learner trains, and `broadcast` queues the new adapter behind the workers' current
+groups instead of waiting for them. With lag 0 nothing runs in the background: the steps are strictly
+sequential. `timeline` records when each update ran (tests and benchmarks measure the overlap).
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +33,7 @@ from controller.metrics import ProjectMetrics
 from controller.rollout_fleet import RolloutFleet
 from controller.config import Config
 from learner.messages import DriverState, RestoreResult, UpdateStats
-from replay import ReplayUnavailableError, open_store
+from replay import ReplayUnavailableError, min_policy_version, open_store
 from rollout_workers.tasks import EvalResult, GroupSummary, RolloutTask
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,8 @@ class System:
     metrics: ProjectMetrics
     scaler: Scaler
     timings: dict = field(default_factory=dict)  # this iteration's phases, in seconds
+    # (phase, start, end) in time.time() seconds, the latest first-in: "update" for each learner update.
+    timeline: deque = field(default_factory=lambda: deque(maxlen=10_000))
     _corrupt_seen: int = 0
 
     @classmethod
@@ -75,21 +85,58 @@ class System:
         self.scaler.apply()
 
     # ------------------------------------------------------------------ the loop's steps
-    def rollout(self, tasks: list[RolloutTask]) -> list[GroupSummary]:
+    @property
+    def max_policy_lag(self) -> int:
+        return self.config.algorithm.max_policy_lag
+
+    def rollout(self, tasks: list[RolloutTask], next_tasks: list[RolloutTask] = ()) -> list[GroupSummary]:
+        """The groups of `tasks` (made now, or already running since the iteration before); with
+        pipelining, `next_tasks` start behind them and run through the update. A group staler than
+        `algorithm.max_policy_lag` comes back as dropped (`stale (...)`): the learner's pull drops it."""
         t0 = time.perf_counter()
-        summaries = self.fleet.run(tasks, on_tick=self.apply_scaling)
+        summaries = self.fleet.collect(tasks, on_tick=self.apply_scaling)
+        if self.max_policy_lag >= 1:
+            self.fleet.submit(list(next_tasks))
         self.timings["rollout_s"] = time.perf_counter() - t0
         self.timings["reward_s"] = sum(s.reward_s for s in summaries) / max(1, self.fleet.size)
         self.metrics.observe_phase("rollout", self.timings["rollout_s"])
         self.metrics.observe_phase("reward", self.timings["reward_s"])
+        summaries = [self._mark_stale(s) for s in summaries]
         for s in summaries:
             self.metrics.count_groups_produced(worker=s.worker)
             if not s.stored:
                 self.metrics.count_groups_dropped(reason=s.drop_reason.split(" ")[0] or "unknown")
         return summaries
 
+    def _mark_stale(self, summary: GroupSummary) -> GroupSummary:
+        """The learner at `self.version` pulls with the same bound (replay.min_policy_version)."""
+        oldest = min_policy_version(self.version, self.max_policy_lag)
+        if not summary.stored or summary.policy_version >= oldest:
+            return summary
+        why = (f"stale (made by policy version {summary.policy_version}, the learner is at {self.version}; "
+               f"algorithm.max_policy_lag={self.max_policy_lag})")
+        return summary.model_copy(update={"stored": False, "drop_reason": why})
+
     def update_on_policy(self, num_groups: int) -> UpdateStats:
-        return self._record_update(self.learner.train_on_policy(num_groups, self.config.reward.timeout_s))
+        stats = self._while_rolling_out("update", self.learner.train_on_policy, num_groups, self.config.reward.timeout_s)
+        return self._record_update(stats)
+
+    def _while_rolling_out(self, phase: str, call, *args):
+        """`call(*args)` (a learner call); while the fleet has work, it runs in a thread and the fleet is
+        pumped here, so the next iteration's groups are made meanwhile (only this thread touches the
+        fleet; only that one the learner handle)."""
+        start = time.time()
+        try:
+            if not self.fleet.busy:
+                return call(*args)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner-call") as pool:
+                future = pool.submit(call, *args)
+                while not future.done():
+                    self.apply_scaling()  # reads the scale request at most once a second
+                    self.fleet.pump(timeout=0.02)
+                return future.result()
+        finally:
+            self.timeline.append((phase, start, time.time()))
 
     def update_from_buffer(self, num_groups: int) -> UpdateStats:
         return self._record_update(self.learner.train_from_buffer(num_groups))
@@ -106,7 +153,8 @@ class System:
         t0 = time.perf_counter()
         published = self.learner.publish()
         _, ref = self.learner.current_adapter()
-        self.fleet.broadcast(published.version, ref, force)
+        # A busy fleet (pipelining) gets the adapter between its groups; an idle one loads it now.
+        self.fleet.broadcast(published.version, ref, force, wait=force or not self.fleet.busy)
         self.timings["broadcast_s"] = time.perf_counter() - t0
         self.metrics.observe_phase("broadcast", self.timings["broadcast_s"])
         self.metrics.count_broadcast_bytes(published.nbytes * self.fleet.size)
@@ -164,7 +212,7 @@ class System:
         return record
 
     def checkpoint(self, driver_state: DriverState) -> str:
-        return self.learner.save_checkpoint(driver_state)
+        return self._while_rolling_out("checkpoint", self.learner.save_checkpoint, driver_state)
 
     def restore(self) -> RestoreResult:
         restored = self.learner.restore_latest()
@@ -175,6 +223,9 @@ class System:
         """After `LearnerRestored`: align the driver and the workers with the restored learner;
         returns the iteration to continue from."""
         self.learner.resync(restored)
+        forgotten = self.fleet.abandon()  # prefetched tasks are asked for again from the restored iteration
+        if forgotten:
+            log.warning("%d rollout tasks in flight were abandoned; their iterations are made again", forgotten)
         self.metrics.set_policy_version(self.version)
         self.broadcast(force=True)  # workers holding a newer (lost) adapter go back to the restored one
         return restored.iteration

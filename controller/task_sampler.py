@@ -80,6 +80,13 @@ class TaskSampler:
             )
         return tasks
 
+    def next_tasks(self, iteration: int, count: int) -> list[RolloutTask]:
+        """The tasks of the iteration after `iteration` (what pipelining starts early); none after the
+        run's last iteration."""
+        if iteration + 1 >= self.config.run.iterations:
+            return []
+        return self.tasks(iteration + 1, count)
+
     def reference_tasks(self, count: int) -> list[RolloutTask]:
         """The semi-on-policy buffer's groups (collected once from the reference policy)."""
         return self.tasks(0, count, kind="ref")

@@ -33,7 +33,10 @@ class AlgorithmSettings(Section):
     clip_eps: Real | None = Field(1e-4, gt=0)
     # Temperature of the distance softmax; "auto" uses the median off-anchor distance of each group.
     tau: Real | Literal["auto"] = "auto"
-    max_policy_lag: Int = Field(1, ge=0)
+    # Pipelining with bounded staleness: 0 = strictly sequential (rollout, update, broadcast); >= 1: the
+    # fleet makes the next iteration's groups during the update, and the learner drops (the driver
+    # counts, `groups_stale`) groups made by a policy more than this many versions behind its own.
+    max_policy_lag: Int = Field(0, ge=0)
     # Relative weight of each chunk as the pivot (one per chunk of the preset); None: uniform, the
     # paper's p ~ U(1..L). docs/pocket.md measures the reward spread a fork carries at each chunk.
     pivot_weights: list[Real] | None = None

@@ -24,6 +24,8 @@ from reward_service.result import RewardResult
 from rollout_workers.tasks import RolloutTask
 
 ScoreFn = Callable[[list[Video], list[str]], Sequence[RewardResult]]
+# Sends videos to be scored and returns at once; what it returns gives their results when called.
+SubmitScoreFn = Callable[[list[Video], list[str]], Callable[[], Sequence[RewardResult]]]
 
 
 @dataclass
@@ -73,6 +75,29 @@ def decode_videos(policy: StreamingVideoPolicy, latents: torch.Tensor, batch_siz
     return videos
 
 
+def decode_and_score(
+    policy: StreamingVideoPolicy, latents: torch.Tensor, prompt: str, submit: SubmitScoreFn, batch_size: int | None = None
+) -> tuple[list[RewardResult], float, float]:
+    """Decode `batch_size` videos at a time and send each batch to be scored as soon as it is decoded,
+    so scoring overlaps the decoding of the next batch; gather every result at the end. Returns the
+    results in video order, the decoding seconds and the seconds then spent waiting for the scores."""
+    step = batch_size or len(latents)
+    pending, decode_s = [], 0.0
+    for lo in range(0, len(latents), step):
+        t0 = time.perf_counter()
+        videos = decode_videos(policy, latents[lo : lo + step])
+        decode_s += time.perf_counter() - t0
+        pending.append((len(videos), submit(videos, [prompt] * len(videos))))
+    t0 = time.perf_counter()
+    results = []
+    for count, fetch in pending:
+        batch = list(fetch())
+        if len(batch) != count:
+            raise RuntimeError(f"reward service returned {len(batch)} results for {count} videos")
+        results += batch
+    return results, decode_s, time.perf_counter() - t0
+
+
 def make_record(
     task: RolloutTask,
     policy_version: int,
@@ -114,17 +139,24 @@ def produce_group(
     heads: tuple[str, ...],
     branch_batch_size: int | None = None,
     decode_batch_size: int | None = None,
+    submit_score: SubmitScoreFn | None = None,
 ) -> ProducedGroup:
-    """Fork at the task's pivot, complete every branch, decode each once, score, build the record."""
+    """Fork at the task's pivot, complete every branch, decode each once, score, build the record.
+
+    With `submit_score` the videos are scored as they are decoded (`decode_and_score`); else, once all
+    are decoded, by `score`; `reward_s` is the time spent waiting for the scores after decoding."""
     t0 = time.perf_counter()
     rollout = fork_group(policy, task, branch_batch_size)
     t1 = time.perf_counter()
-    videos = decode_videos(policy, rollout.latents, decode_batch_size)
-    t2 = time.perf_counter()
-    results = score(videos, [task.prompt] * len(videos))
-    if len(results) != len(videos):
-        raise RuntimeError(f"reward service returned {len(results)} results for {len(videos)} videos")
+    if submit_score is not None:
+        results, decode_s, reward_s = decode_and_score(policy, rollout.latents, task.prompt, submit_score, decode_batch_size)
+    else:
+        videos = decode_videos(policy, rollout.latents, decode_batch_size)
+        t2 = time.perf_counter()
+        results = score(videos, [task.prompt] * len(videos))
+        if len(results) != len(videos):
+            raise RuntimeError(f"reward service returned {len(results)} results for {len(videos)} videos")
+        decode_s, reward_s = t2 - t1, time.perf_counter() - t2
     rewards, valid = results_to_arrays(results, heads)
-    t3 = time.perf_counter()
     record = make_record(task, policy_version, rollout, policy.prompt_key(task.prompt), rewards, valid)
-    return ProducedGroup(record, t1 - t0, t2 - t1, t3 - t2, rollout.forward_passes)
+    return ProducedGroup(record, t1 - t0, decode_s, reward_s, rollout.forward_passes)

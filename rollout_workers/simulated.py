@@ -182,6 +182,7 @@ class SimulatedRolloutWorker:
         )
 
     def produce(self, task: RolloutTask) -> GroupSummary:
+        started_at = time.time()
         t0 = time.perf_counter()
         group = self.generate(task)
         t1 = time.perf_counter()
@@ -190,7 +191,8 @@ class SimulatedRolloutWorker:
         group = group.model_copy(update=dict(rewards={h: torch.from_numpy(v) for h, v in rewards.items()},
                                              reward_valid=torch.from_numpy(valid)))
         t2 = time.perf_counter()
-        return self.store_group(group, task, rollout_s=t1 - t0, reward_s=t2 - t1)
+        summary = self.store_group(group, task, rollout_s=t1 - t0, reward_s=t2 - t1)
+        return summary.model_copy(update={"started_at": started_at, "finished_at": time.time()})
 
     def store_group(self, group: CandidateGroup, task: RolloutTask, rollout_s: float, reward_s: float) -> GroupSummary:
         t0 = time.perf_counter()

@@ -45,7 +45,9 @@ class GroupSummary(BaseModel):
     prompt: str
     pivot: int
     policy_version: int
-    stored: bool  # False: dropped (too few valid rewards) or a duplicate of an applied group
+    # False: dropped (too few valid rewards), a duplicate of an applied group, or (marked by the
+    # controller) staler than algorithm.max_policy_lag, which the learner's pull drops
+    stored: bool
     drop_reason: str = ""
     reward_means: dict[str, float]  # per head, over valid branches
     num_valid: int
@@ -54,6 +56,8 @@ class GroupSummary(BaseModel):
     decode_s: float
     reward_s: float
     push_s: float
+    started_at: float = 0.0  # wall-clock (time.time()) when the worker began the group, and when it was stored
+    finished_at: float = 0.0
 
 
 class EvalResult(BaseModel):

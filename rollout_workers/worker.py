@@ -74,9 +74,16 @@ class RolloutWorker:
     def _score(self, videos: list[Video], prompts: list[str]):
         return remote_score(self.reward_server, videos, prompts)
 
+    def _submit_score(self, videos: list[Video], prompts: list[str]):
+        """Send a decoded batch to the reward pool now; the returned call waits for its results."""
+        ref = self.reward_server.score_ref.remote([ray.put(videos)], prompts)
+        return lambda: ray.get(ref)
+
     def produce(self, task: RolloutTask) -> GroupSummary:
+        started_at = time.time()
         produced = produce_group(self.policy, task, self.version, self._score, self.heads,
-                                 self.settings.rollout.branch_batch_size, self.settings.rollout.decode_batch_size)
+                                 self.settings.rollout.branch_batch_size, self.settings.rollout.decode_batch_size,
+                                 submit_score=self._submit_score)
         group = produced.group
         t0 = time.perf_counter()
         stored, reason = deliver_group(self.store, group, task.destination, self.min_valid)
@@ -95,6 +102,8 @@ class RolloutWorker:
             decode_s=produced.decode_s,
             reward_s=produced.reward_s,
             push_s=time.perf_counter() - t0,
+            started_at=started_at,
+            finished_at=time.time(),
         )
 
     @torch.no_grad()
