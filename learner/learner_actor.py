@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 import warnings
 from collections import Counter
@@ -50,7 +49,7 @@ from learner.checkpoint import (
 )
 from learner.settings import LearnerSettings
 from learner.group_validation import GroupRejected, PolicyGeometry, check_group
-from learner.learner_group import LearnerPeers, ShardPayload
+from learner.learner_group import LearnerPeers, ShardPayload, on_cpu, restart_group
 from learner.messages import DriverState, LearnerStatus, Published, RestoreResult, TrainStats, UpdateStats
 from learner.nonfinite_guard import NonFiniteGuard
 from learner.objectives import make_objective
@@ -209,7 +208,7 @@ class Learner:
             try:
                 step = self.peers.train(usable, lambda shard: self._train_shard_of(usable, shard))
             except distributed.RankLost as err:
-                _restart_group(err)
+                restart_group(err)
         return TrainStats(groups=len(groups), groups_without_signal=len(groups) - len(usable),
                           group_reward_means=self._reward_means(groups), **dataclasses.asdict(step))
 
@@ -348,7 +347,7 @@ class Learner:
         """What makes another rank this learner's replica: adapter, optimiser, generators, position."""
         model = self.policy.transformer
         return {"adapter": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                "optimizer": self.optimizer.state_dict(), "objective": self.objective.state_dict(),
+                "optimizer": on_cpu(self.optimizer.state_dict()), "objective": self.objective.state_dict(),
                 "anchor_rng": self.anchor_rng.get_state(), "torch_rng": torch.get_rng_state(),
                 "iteration": self.iteration, "version": self.version}
 
@@ -374,14 +373,6 @@ class Learner:
             self.iteration += 1
             self.version += 1
         return step
-
-
-def _restart_group(err: Exception):
-    """A rank of the learner group was lost: the process group cannot go on. Rank 0 ends its process, Ray
-    restarts it (the other ranks, its children, end with it) and the new group restores the newest checkpoint."""
-    log.error("learner group: %s; restarting the group from the newest checkpoint", err)
-    logging.shutdown()
-    os._exit(1)
 
 
 def _mean(values: list[float]) -> float:

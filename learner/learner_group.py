@@ -22,6 +22,7 @@ new group restored from the newest checkpoint: the controller sees the one-learn
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import ray
@@ -72,6 +73,25 @@ def combine_step_stats(ranks: list[StepStats], owned: list[int]) -> StepStats:
     return StepStats(loss=sum(s.loss for s in ranks), grad_norm=ranks[0].grad_norm,
                      clip_fraction=clip if clip is not None else ranks[0].clip_fraction,
                      ratio_max_deviation=max(deviations) if deviations else None)
+
+
+def on_cpu(state):
+    """`state` with every tensor in it moved to the CPU (what crosses to another rank's GPU)."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: on_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(on_cpu(v) for v in state)
+    return state
+
+
+def restart_group(err: Exception):
+    """A rank was lost: the process group cannot go on. Rank 0 ends its process; Ray restarts it (the
+    other ranks, its children, end with it) and the new group restores the newest checkpoint."""
+    log.error("learner group: %s; restarting the group from the newest checkpoint", err)
+    logging.shutdown()
+    os._exit(1)
 
 
 class LearnerPeers:
