@@ -15,8 +15,8 @@ update phases, each measured alone). Sequential is about rollout + update, so it
 1 + shorter/longer; pipelined approaches 1.
 
 `--json` prints {"sync_ratio", "pipelined_ratio", "learner_scaling", ...}: `learner_scaling` is
-filled by `benchmarks.learner_group_bench.measure_learner_scaling(counts)` where that module exists
-(the data-parallel learner group's measurement), else {}.
+filled by `benchmarks.learner_group_bench.measure_learner_scaling(counts)`
+(the data-parallel learner group's measurement).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import ray
 
+from benchmarks.learner_group_bench import measure_learner_scaling
 from controller.config import load_config
 from controller.driver import train
 from learner.simulated import simulated_update_learner
@@ -81,13 +82,7 @@ def measure_sync_vs_pipelined(rollout_s: float = 0.5, update_s: float = 0.18, wo
 
 
 def learner_scaling(counts: tuple[int, ...] = LEARNER_COUNTS) -> dict:
-    """The learner group's scaling (speed-up / number of learners, by count) where its benchmark exists."""
-    try:
-        from benchmarks.learner_group_bench import measure_learner_scaling
-    except ModuleNotFoundError as err:
-        if err.name != "benchmarks.learner_group_bench":
-            raise
-        return {}
+    """The learner group's scaling (speed-up / number of learners, by count): benchmarks.learner_group_bench."""
     return {str(k): v for k, v in measure_learner_scaling(counts).items()}
 
 

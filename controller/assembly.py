@@ -1,5 +1,6 @@
-"""Start-up: Ray, the replay store's address, the reward server, the learner actor and the rollout
-fleet, at the counts of the output directory's scale request (if there is one, else the config's)."""
+"""Start-up: Ray, the replay store's address, the reward server, the learner actor (rank 0 of the learner
+group, in a placement group with a bundle per rank) and the rollout fleet, at the counts of the output
+directory's scale request (if there is one, else the config's)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from controller.fleet_scaling import read_request
 from controller.ray_cluster import init_ray
@@ -29,6 +32,7 @@ class Assembly:
     learner: "ray.actor.ActorHandle"
     fleet: RolloutFleet
     corrupt_before: int  # corrupt records the store held already: a resumed run counts only its own
+    learner_placement: PlacementGroup | None = None  # the learner group's bundles (run.num_learners > 1)
 
 
 def assemble(
@@ -47,7 +51,7 @@ def assemble(
     request, _ = read_request(output)
     num_workers = (request and request.rollout_workers) or rollout.num_workers
     num_reward_actors = (request and request.reward_actors) or reward.num_actors
-    init_ray(num_workers * rollout.num_cpus_per_worker + num_reward_actors + 1, config.run.dashboard_port)
+    init_ray(num_workers * rollout.num_cpus_per_worker + num_reward_actors + config.run.num_learners, config.run.dashboard_port)
     store_url, corrupt_before = _store_url(config, output)
     # Restarted by Ray with its calls retried: a lost scoring call is simply made again.
     reward_server = ray.remote(RewardServer).options(max_concurrency=64, num_cpus=0, max_restarts=3, max_task_retries=3).remote(
@@ -58,10 +62,11 @@ def assemble(
         timeout_s=reward.timeout_s,
         resources=reward.resources or None,
     )
+    placement, scheduling = _learner_placement(config)
     learner = (
         ray.remote(learner_cls)
         .options(num_cpus=1, num_gpus=config.run.learner_num_gpus, resources=config.run.learner_resources or None,
-                 max_restarts=learner_max_restarts, max_task_retries=0)
+                 max_restarts=learner_max_restarts, max_task_retries=0, **scheduling)
         .remote(config.learner_settings().model_dump(mode="json"), store_url, str(output / "checkpoints"))
     )
     # The workers start while the learner builds its policy; they pull its adapter when it is ready.
@@ -69,7 +74,23 @@ def assemble(
                          worker_options=worker_options, worker_kwargs=worker_kwargs, wait=False)
     ray.get(learner.publish.remote())
     fleet.wait_ready()
-    return Assembly(store_url, reward_server, learner, fleet, corrupt_before)
+    return Assembly(store_url, reward_server, learner, fleet, corrupt_before, placement)
+
+
+def _learner_placement(config: Config) -> tuple[PlacementGroup | None, dict]:
+    """With several learner ranks: a placement group of one bundle per rank (its CPU, GPU and custom
+    resources), reserved together, and the scheduling option that puts rank 0 (this actor) in bundle 0;
+    rank 0 starts rank r in bundle r. A bundle holds its own GPU, so ranks never share one; PACK puts the
+    bundles on as few nodes as fit (NCCL within a node is the fast path) without refusing to spread them
+    when no node has room for all, as STRICT_PACK would."""
+    run = config.run
+    if run.num_learners == 1:
+        return None, {}
+    bundle = {"CPU": 1.0, **({"GPU": run.learner_num_gpus} if run.learner_num_gpus else {}), **run.learner_resources}
+    placement = placement_group([dict(bundle) for _ in range(run.num_learners)], strategy="PACK")
+    strategy = PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=0,
+                                                placement_group_capture_child_tasks=False)
+    return placement, {"scheduling_strategy": strategy}
 
 
 def _store_url(config: Config, output: Path) -> tuple[str, int]:

@@ -40,6 +40,8 @@ class RunSettings(Section):
     eval_prompts_limit: Int | None = Field(None, ge=1)
     eval_seeds: Int = Field(1, ge=1)
     checkpoint_every: Int = Field(10, ge=1)
+    # Data-parallel learner ranks, each with learner_num_gpus and learner_resources (docs/operations.md).
+    num_learners: Int = Field(1, ge=1)
     learner_num_gpus: Real = Field(0.0, ge=0)
     learner_resources: dict[str, Real] = Field(default_factory=dict)  # e.g. {"learner_gpu": 1}
     # Where metrics, the config, sample videos and the reward curve go (controller/trackers.py). jsonl is
@@ -84,10 +86,20 @@ class Config(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_learner_group(self) -> "Config":
+        if self.run.num_learners > 1 and self.algorithm.objective == "nft":
+            raise ValueError("run.num_learners > 1 needs algorithm.objective copo or sde_grpo: NFT's EMA and "
+                             "selective statistics are taken over the whole batch on one learner")
+        return self
+
     def learner_settings(self) -> LearnerSettings:
         """The sections the learner actor reads."""
+        run = self.run
         return LearnerSettings(policy=self.policy, lora=self.lora, algorithm=self.algorithm, reward=self.reward,
-                               run=LearnerRunSettings(seed=self.run.seed, checkpoint_every=self.run.checkpoint_every))
+                               run=LearnerRunSettings(seed=run.seed, checkpoint_every=run.checkpoint_every,
+                                                      num_learners=run.num_learners, num_gpus=run.learner_num_gpus,
+                                                      resources=run.learner_resources))
 
     def worker_settings(self) -> WorkerSettings:
         """The sections a rollout worker reads."""

@@ -6,7 +6,9 @@ newest checkpoint in its constructor and takes back the deliveries its previous 
 it was serving is made again when the restored learner is where the call found it (e.g. the update
 of the current iteration); when the restore went back further (updates after the checkpoint were
 lost), `LearnerRestored` tells the driver to continue from the checkpoint's iteration, as `--resume`
-would. A replay store that stays unreachable past its own bounded retries (`ReplayUnavailableError`)
+would. With several learner ranks (`run.num_learners`) the actor is rank 0 of the group, which it manages:
+a lost rank restarts the whole group from the newest checkpoint, met here as the restart of rank 0.
+A replay store that stays unreachable past its own bounded retries (`ReplayUnavailableError`)
 makes the driver wait for it (at most `store_outage_s`) and make the call again.
 """
 
@@ -20,6 +22,7 @@ from typing import TypeVar
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from controller.rollout_fleet import wait_for_store
 from learner.checkpoint import latest_checkpoint
@@ -44,8 +47,10 @@ class LearnerHandle:
     """The learner actor, the iteration the driver saw it finish, and the faults met calling it."""
 
     def __init__(self, actor: "ray.actor.ActorHandle", output: Path, store_url: str, *, store_outage_s: float = 600.0,
-                 restart_timeout_s: float = 1800.0, max_call_attempts: int = 5) -> None:
+                 restart_timeout_s: float = 1800.0, max_call_attempts: int = 5,
+                 placement: "PlacementGroup | None" = None) -> None:
         self.actor, self.output, self.store_url = actor, Path(output), store_url
+        self.placement = placement  # the learner group's bundles, released at shutdown
         self.store_outage_s, self.restart_timeout_s, self.max_call_attempts = store_outage_s, restart_timeout_s, max_call_attempts
         self.iteration = 0  # iterations the learner has done, as the driver saw them
         self.version = 0  # the policy version after them
@@ -81,6 +86,12 @@ class LearnerHandle:
     def resync(self, restored: LearnerRestored) -> None:
         """After `LearnerRestored`: the driver continues from where the restored learner is."""
         self.iteration, self.version = restored.iteration, restored.version
+
+    def shutdown(self) -> None:
+        """End the learner (and the ranks it started) and release the learner group's bundles."""
+        ray.kill(self.actor, no_restart=True)
+        if self.placement is not None:
+            remove_placement_group(self.placement)
 
     # ------------------------------------------------------------------ fault handling
     def _update(self, train: "ray.actor.ActorMethod", *args) -> UpdateStats:

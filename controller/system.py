@@ -63,7 +63,8 @@ class System:
         parts = assemble(config, output, **options)
         metrics = ProjectMetrics()
         return cls(config, Path(output), parts.store_url, parts.reward_server,
-                   LearnerHandle(parts.learner, Path(output), parts.store_url), parts.fleet, metrics,
+                   LearnerHandle(parts.learner, Path(output), parts.store_url, placement=parts.learner_placement),
+                   parts.fleet, metrics,
                    Scaler(Path(output), parts.fleet, parts.reward_server, metrics), _corrupt_seen=parts.corrupt_before)
 
     @property
@@ -256,4 +257,4 @@ class System:
         except Exception as err:  # shutting down anyway
             log.warning("reward server shutdown: %s", err)
         ray.kill(self.reward_server, no_restart=True)
-        ray.kill(self.learner.actor, no_restart=True)
+        self.learner.shutdown()

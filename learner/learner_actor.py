@@ -15,6 +15,12 @@ Every group is checked against the policy at the door (`learner.group_validation
 use is quarantined (dead-lettered with its reason, never delivered again) and the run goes on. Every
 optimiser step goes through `learner.nonfinite_guard`: a step with a non-finite loss or gradient is
 skipped, and `algorithm.max_nonfinite_steps` of them in a row stop the run.
+
+With `run.num_learners` > 1 this actor is rank 0 of a data-parallel learner group (`learner.learner_group`):
+it alone pulls, acks, checkpoints and publishes; the other ranks (instances of this class with `rank` > 0)
+replay their share of each iteration's groups (`train_shard`) and every optimiser step sums the ranks'
+gradients (`learner.distributed`). A rank lost ends rank 0's process, so the whole group restarts from
+the newest checkpoint as one learner would.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from learner import distributed
 from learner.checkpoint import (
     CHECKPOINT_PREFIX,
     CheckpointNotFound,
@@ -42,9 +49,11 @@ from learner.checkpoint import (
 )
 from learner.settings import LearnerSettings
 from learner.group_validation import GroupRejected, PolicyGeometry, check_group
+from learner.learner_group import LearnerPeers, ShardPayload, on_cpu, restart_group
 from learner.messages import DriverState, LearnerStatus, Published, RestoreResult, TrainStats, UpdateStats
 from learner.nonfinite_guard import NonFiniteGuard
 from learner.objectives import make_objective
+from learner.objectives.base import WHOLE_BATCH, GroupShard, GroupWithAdvantages, StepStats
 from policy.factory import add_adapter, build_configured_policy
 from policy.lora import export_adapter_state
 from replay import Delivery, ReplayUnavailableError, StoreLostError, open_store
@@ -55,8 +64,10 @@ log = logging.getLogger(__name__)
 
 
 class Learner:
-    def __init__(self, config: dict, store_url: str, checkpoint_root: str, consumer: str = "learner-0") -> None:
+    def __init__(self, config: dict, store_url: str, checkpoint_root: str, consumer: str = "learner-0",
+                 rank: int = 0) -> None:
         self.config = LearnerSettings.model_validate(config)
+        self.rank, self.world_size = rank, self.config.run.num_learners
         alg = self.config.algorithm
         torch.manual_seed(self.config.run.seed)
         self.policy = build_configured_policy(self.config.policy)
@@ -69,7 +80,8 @@ class Learner:
         self.objective = make_objective(self.policy, self.adapter, alg, self.config.reward, self.config.run.seed, self.anchor_rng)
         self.geometry = PolicyGeometry.of(self.policy, self.config)
         # Records larger than the largest group this policy can use are refused before they are read.
-        self.store = open_store(store_url, max_record_bytes=self.geometry.max_record_bytes())
+        # Rank 0 alone reads and acks the store: exactly-once accounting has one owner.
+        self.store = open_store(store_url, max_record_bytes=self.geometry.max_record_bytes()) if rank == 0 else None
         self.guard = NonFiniteGuard(alg.max_nonfinite_steps)
         self.quarantined: Counter[str] = Counter()  # this iteration's quarantined groups, by reason
         self.nonfinite_steps = 0  # this iteration's skipped optimiser steps
@@ -86,12 +98,19 @@ class Learner:
         # Deliveries made before this time (to a previous process of this learner, or to a pull an
         # outage cut short) are taken back by the next pull instead of after the store's claim_idle_s.
         self._reclaim_before: float | None = None
+        self.peers: LearnerPeers | None = None
+        if rank == 0 and self.world_size > 1:
+            self.peers = LearnerPeers.start(type(self), (config, store_url, checkpoint_root, consumer), self.config.run,
+                                            self.policy.device)
         if _restarted_by_ray():  # max_restarts: continue from the newest checkpoint, if there is one
             try:
                 self.restore_latest()
+                return
             except CheckpointNotFound:
                 self._reclaim_before = time.monotonic()
                 log.warning("learner restarted before its first checkpoint: starting from the initial adapter")
+        if self.peers is not None:
+            self.peers.sync(self.replica_state())
 
     # ------------------------------------------------------------------ broadcast
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -183,11 +202,22 @@ class Learner:
         """`updates_per_iteration` optimiser steps over `groups`; returns the iteration's statistics."""
         advantages = [self._advantages(g) for g in groups]
         usable = [(g, a) for g, a in zip(groups, advantages) if bool(a.abs().sum() > 0)]
-        self.policy.transformer.train()
-        step = self.objective.train_step(usable, self.optimizer, self._guarded_step)
-        self.policy.transformer.eval()
+        if self.peers is None:
+            step = self._train_shard_of(usable, WHOLE_BATCH)
+        else:
+            try:
+                step = self.peers.train(usable, lambda shard: self._train_shard_of(usable, shard))
+            except distributed.RankLost as err:
+                restart_group(err)
         return TrainStats(groups=len(groups), groups_without_signal=len(groups) - len(usable),
                           group_reward_means=self._reward_means(groups), **dataclasses.asdict(step))
+
+    def _train_shard_of(self, usable: list[GroupWithAdvantages], shard: GroupShard) -> StepStats:
+        self.policy.transformer.train()
+        try:
+            return self.objective.train_step(usable, self.optimizer, self._guarded_step, shard)
+        finally:
+            self.policy.transformer.eval()
 
     def _reward_means(self, groups: list[CandidateGroup]) -> dict[str, float]:
         """Per reward head, the mean over the groups of each group's mean over its valid branches."""
@@ -197,6 +227,8 @@ class Learner:
     def _guarded_step(self, loss: float, group_ids: list[str]) -> tuple[bool, float]:
         """The optimiser step, taken only if `loss` and the gradients are finite: (taken, gradient norm)."""
         max_norm = self.config.algorithm.max_grad_norm
+        if self.world_size > 1:
+            loss = distributed.sum_gradients(self.params, loss)
         stepped, grad_norm = self.guard.step(self.optimizer, self.params, loss, max_norm, group_ids)
         self.nonfinite_steps += not stepped
         return stepped, grad_norm
@@ -271,6 +303,8 @@ class Learner:
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         self._adapter_ref = None
         self._reclaim_before = time.monotonic()  # deliveries held before the restore come back at once
+        if self.peers is not None:
+            self.peers.sync(self.replica_state())
         log.info("learner restored %s (iteration %d, version %d)", path, self.iteration, self.version)
         written_by_driver = state.get("run_tag") is not None and state.get("metrics_rows") is not None
         driver = DriverState(metrics_rows=state["metrics_rows"], run_tag=state["run_tag"]) if written_by_driver else None
@@ -304,6 +338,41 @@ class Learner:
 
     def status(self) -> LearnerStatus:
         return LearnerStatus(iteration=self.iteration, version=self.version, unacked=len(self.unacked))
+
+    # ------------------------------------------------------------------ the other ranks of a learner group
+    def join_group(self, address: str, port: int, world_size: int) -> None:
+        distributed.join_process_group(address, port, self.rank, world_size, self.policy.device)
+
+    def replica_state(self) -> dict:
+        """What makes another rank this learner's replica: adapter, optimiser, generators, position."""
+        model = self.policy.transformer
+        return {"adapter": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                "optimizer": on_cpu(self.optimizer.state_dict()), "objective": self.objective.state_dict(),
+                "anchor_rng": self.anchor_rng.get_state(), "torch_rng": torch.get_rng_state(),
+                "iteration": self.iteration, "version": self.version}
+
+    def load_replica_state(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, p in self.policy.transformer.named_parameters():
+                if p.requires_grad:
+                    p.copy_(state["adapter"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.objective.load_state_dict(state["objective"])
+        self.anchor_rng.set_state(state["anchor_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.iteration, self.version = state["iteration"], state["version"]
+
+    def train_shard(self, payload: ShardPayload) -> StepStats:
+        """A rank > 0's part of an iteration's update: its own groups replayed, the others' draws made."""
+        shard = GroupShard(self.rank, payload.world_size)
+        groups = payload.groups()
+        usable = [(g, self._advantages(g) if shard.owns(i) else None) for i, g in enumerate(groups)]
+        try:
+            step = self._train_shard_of(usable, shard)
+        finally:
+            self.iteration += 1
+            self.version += 1
+        return step
 
 
 def _mean(values: list[float]) -> float:

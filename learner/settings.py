@@ -83,10 +83,14 @@ class AlgorithmSettings(Section):
 
 
 class LearnerRunSettings(Section):
-    """The part of the `run` section the learner reads."""
+    """The part of the `run` section the learner reads: rank 0 of a learner group starts the other ranks
+    with the resources it was started with (`learner.learner_group`)."""
 
     seed: Int = 0
     checkpoint_every: Int = Field(10, ge=1)
+    num_learners: Int = Field(1, ge=1)
+    num_gpus: Real = Field(0.0, ge=0)  # per learner rank
+    resources: dict[str, Real] = Field(default_factory=dict)  # per learner rank
 
 
 class LearnerSettings(Section):

@@ -17,10 +17,28 @@ import torch
 from replay.record import CandidateGroup
 
 # `guarded_step(loss, group ids)`: clip the gradients and take the optimiser step unless the loss or the
-# gradients are not finite; returns (taken, gradient norm). The learner's `NonFiniteGuard`.
+# gradients are not finite; returns (taken, gradient norm). The learner's `NonFiniteGuard` (in a learner
+# group, after summing every rank's gradients and loss shares, so all ranks take the same verdict).
 GuardedStep = Callable[[float, list[str]], tuple[bool, float]]
 # A group with its advantages [G] (only groups that carry a signal reach an objective).
 GroupWithAdvantages = tuple[CandidateGroup, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GroupShard:
+    """Which of an iteration's groups this learner rank replays: the i-th group (in id order) belongs to rank
+    i mod world_size. Every rank walks the whole list, so random draws made per group (AR-CoPO's anchors)
+    come out of each rank's generator in the order one learner draws them; a rank replays only its own
+    groups (the others' may be stand-ins carrying `group_id` and `reward_valid` alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def owns(self, index: int) -> bool:
+        return index % self.world_size == self.rank
+
+
+WHOLE_BATCH = GroupShard()  # one learner: every group is its own
 
 
 @dataclass(frozen=True)
@@ -45,8 +63,10 @@ class Objective(Protocol):
     checkpoint_adapters: dict[str, str]  # extra adapters a checkpoint saves: directory -> adapter name
 
     def train_step(self, groups: list[GroupWithAdvantages], optimizer: torch.optim.Optimizer,
-                   guarded_step: GuardedStep) -> StepStats:
-        """`algorithm.updates_per_iteration` optimiser steps over `groups`, each through `guarded_step`."""
+                   guarded_step: GuardedStep, shard: GroupShard = WHOLE_BATCH) -> StepStats:
+        """`algorithm.updates_per_iteration` optimiser steps over `groups`, each through `guarded_step`,
+        back-propagating only `shard`'s groups, each scaled by 1 / len(groups) (the learner group sums the
+        ranks' gradients in `guarded_step`). Statistics are this rank's (`learner.learner_group` combines them)."""
         ...
 
     def state_dict(self) -> dict:

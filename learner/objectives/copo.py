@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from learner.settings import AlgorithmSettings
-from learner.objectives.base import GroupWithAdvantages, GuardedStep, StepStats
+from learner.objectives.base import WHOLE_BATCH, GroupShard, GroupWithAdvantages, GuardedStep, StepStats
 from learner.objectives.group_replay import GroupLoss, GroupReplay, pair_batches, replay_steps, train_on_groups
 from policy.pipeline import StreamingVideoPolicy
 from replay.record import CandidateGroup
@@ -252,16 +252,20 @@ class CopoObjective:
         self.policy, self.alg, self.anchor_rng = policy, algorithm, anchor_rng
         self.sampling_adapter = trainable
 
+    def draw_anchors(self, group: CandidateGroup) -> torch.Tensor:
+        valid = torch.nonzero(group.reward_valid).flatten()
+        return valid[sample_anchors(len(valid), min(self.alg.anchors_per_group, len(valid)), self.anchor_rng)]
+
     def group_backward(self, group: CandidateGroup, adv: torch.Tensor, loss_scale: float) -> GroupLoss:
         alg = self.alg
-        valid = torch.nonzero(group.reward_valid).flatten()
-        pick = sample_anchors(len(valid), min(alg.anchors_per_group, len(valid)), self.anchor_rng)
-        return copo_group_backward(self.policy, group, adv, valid[pick], alg.tau, alg.effective_clip_eps,
+        return copo_group_backward(self.policy, group, adv, self.draw_anchors(group), alg.tau, alg.effective_clip_eps,
                                    alg.micro_batch_size, loss_scale)
 
     def train_step(self, groups: list[GroupWithAdvantages], optimizer: torch.optim.Optimizer,
-                   guarded_step: GuardedStep) -> StepStats:
-        return train_on_groups(groups, optimizer, self.alg.updates_per_iteration, self.group_backward, guarded_step)
+                   guarded_step: GuardedStep, shard: GroupShard = WHOLE_BATCH) -> StepStats:
+        # Another rank's group still takes its anchors from this rank's generator: the draws stay in step.
+        return train_on_groups(groups, optimizer, self.alg.updates_per_iteration, self.group_backward, guarded_step,
+                               shard, skip_group=self.draw_anchors)
 
     def state_dict(self) -> dict:
         return {}  # the anchor generator is the learner's (state.json's `anchor_rng`)

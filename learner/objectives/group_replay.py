@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from learner.objectives.base import GroupWithAdvantages, GuardedStep, StepStats, mean
+from learner.objectives.base import WHOLE_BATCH, GroupShard, GroupWithAdvantages, GuardedStep, StepStats, mean
 from policy.pipeline import StreamingVideoPolicy
 from policy.pivot_replay import rebuild_prefix_cache, replay_pivot_chunk
 from policy.recache import encode_schedule
@@ -72,19 +72,29 @@ def train_on_groups(
     updates: int,
     group_backward: Callable[[CandidateGroup, torch.Tensor, float], GroupLoss],
     guarded_step: GuardedStep,
+    shard: GroupShard = WHOLE_BATCH,
+    skip_group: Callable[[CandidateGroup], None] = lambda group: None,
 ) -> StepStats:
     """`updates` optimiser steps, each on the mean of the groups' losses (`group_backward(group,
-    advantages, loss_scale)` back-propagates `loss_scale` x a group's loss and returns it)."""
+    advantages, loss_scale)` back-propagates `loss_scale` x a group's loss and returns it).
+
+    In a learner group this rank back-propagates only `shard`'s groups, at the same 1 / len(groups) scale,
+    and `skip_group` keeps the per-group random draws of the others; the loss handed to `guarded_step`
+    (and reported) is this rank's share of the mean, which the ranks' shares add up to."""
     losses, clip_fracs, deviations, grad_norms = [], [], [], []
     for _ in range(updates if groups else 0):
         optimizer.zero_grad(set_to_none=True)
         step_losses = []
-        for group, adv in groups:
+        for index, (group, adv) in enumerate(groups):
+            if not shard.owns(index):
+                skip_group(group)
+                continue
             out = group_backward(group, adv, 1 / len(groups))
             step_losses.append(float(out.loss))
             clip_fracs.append(out.clip_fraction)
             deviations.append(out.ratio_deviation)
-        losses.append(sum(step_losses) / len(step_losses))
-        grad_norms.append(guarded_step(losses[-1], [g.group_id for g, _ in groups])[1])
+        losses.append(sum(step_losses) / len(groups))
+        owned = [g.group_id for i, (g, _) in enumerate(groups) if shard.owns(i)]
+        grad_norms.append(guarded_step(losses[-1], owned)[1])
     return StepStats(loss=mean(losses), grad_norm=mean(grad_norms), clip_fraction=mean(clip_fracs),
                      ratio_max_deviation=max(deviations, default=0.0))

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from learner.settings import AlgorithmSettings
-from learner.objectives.base import GroupWithAdvantages, GuardedStep, StepStats
+from learner.objectives.base import WHOLE_BATCH, GroupShard, GroupWithAdvantages, GuardedStep, StepStats
 from learner.objectives.group_replay import GroupLoss, GroupReplay, pair_batches, replay_steps, train_on_groups
 from policy.pipeline import StreamingVideoPolicy
 from replay.record import CandidateGroup
@@ -238,8 +238,9 @@ class SdeGrpoObjective:
                                        alg.micro_batch_size, loss_scale)
 
     def train_step(self, groups: list[GroupWithAdvantages], optimizer: torch.optim.Optimizer,
-                   guarded_step: GuardedStep) -> StepStats:
-        return train_on_groups(groups, optimizer, self.alg.updates_per_iteration, self.group_backward, guarded_step)
+                   guarded_step: GuardedStep, shard: GroupShard = WHOLE_BATCH) -> StepStats:
+        return train_on_groups(groups, optimizer, self.alg.updates_per_iteration, self.group_backward, guarded_step,
+                               shard)
 
     def state_dict(self) -> dict:
         return {}

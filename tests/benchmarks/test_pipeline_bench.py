@@ -25,11 +25,3 @@ def test_tiny_bench_prints_both_modes_ratios_as_json(capsys, monkeypatch):
     assert result["sync_ratio"] >= 1.0
     assert result["sync_iterations_per_s"] == pytest.approx(1 / result["sync_iteration_s"])
 
-
-def test_learner_scaling_is_empty_until_the_learner_group_benchmark_exists():
-    try:
-        import benchmarks.learner_group_bench  # noqa: F401
-    except ModuleNotFoundError:
-        assert pipeline_bench.learner_scaling() == {}
-    else:
-        pytest.skip("benchmarks.learner_group_bench exists: its own tests cover it")

@@ -11,6 +11,8 @@ import yaml
 from deploy_files import DEPLOY, all_yaml_files, by_kind, images, pyproject, pyproject_pins, yaml_docs
 from schema_subset import load_subset, validate_object
 
+from controller.config import CONFIG_DIR, load_config
+
 KNOWN_KINDS = {
     ("ray.io/v1", "RayCluster"),
     ("ray.io/v1", "RayJob"),
@@ -95,7 +97,9 @@ def test_worker_groups_are_separate_and_placed_by_custom_resources(cluster):
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1", name
         assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], name
     assert groups["rollout"]["maxReplicas"] > groups["rollout"]["minReplicas"] >= 1
-    assert groups["learner"]["minReplicas"] == groups["learner"]["maxReplicas"] == 1
+    # A learner pod per rank of the config the RayJob submits; never scaled down.
+    learners = load_config(CONFIG_DIR / "self_forcing.yaml").run.num_learners
+    assert groups["learner"]["minReplicas"] == groups["learner"]["replicas"] == groups["learner"]["maxReplicas"] == learners
     assert spec["enableInTreeAutoscaling"] is True
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 

@@ -17,13 +17,20 @@ class DrillLearner(Learner):
     - `learner-in-publish@i`: dies publishing the adapter after update i-1 (before its checkpoint);
     - `learner-before-acks@i`: dies after writing checkpoint i, before acking its groups;
     - `redis-down-before-pull@i`: stops Redis before the pull of update i;
-    - `redis-down-in-checkpoint@i`: stops Redis as checkpoint i is written, before its acks.
+    - `redis-down-in-checkpoint@i`: stops Redis as checkpoint i is written, before its acks;
+    - `learner-rank1-in-update@i`: rank 1 of a learner group dies in update i, before its first gradient sum.
     """
 
-    def __init__(self, config: dict, store_url: str, checkpoint_root: str, consumer: str = "learner-0") -> None:
+    def __init__(self, config: dict, store_url: str, checkpoint_root: str, consumer: str = "learner-0",
+                 rank: int = 0) -> None:
         self.drill_dir = Path(checkpoint_root).parent / "drills"
         self.store_url = store_url
-        super().__init__(config, store_url, checkpoint_root, consumer)
+        super().__init__(config, store_url, checkpoint_root, consumer, rank)
+
+    def _guarded_step(self, loss, group_ids):
+        if self.rank > 0:
+            fire(self.drill_dir, f"learner-rank{self.rank}-in-update", self.iteration)
+        return super()._guarded_step(loss, group_ids)
 
     def _pull_on_policy(self, num_groups, timeout_s):
         if take(self.drill_dir, "redis-down-before-pull", self.iteration):

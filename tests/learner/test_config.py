@@ -153,3 +153,14 @@ def test_a_mistyped_store_url_is_refused_without_showing_its_password():
     assert "hunter2" not in str(err.value)
     assert load_config(None, ["replay.url='rediss://u:pw@h:6380/1?prefix=a'"]).replay.url.startswith("rediss://")
     assert load_config(None, ["replay.url=runs/replay"]).replay.url == "runs/replay"  # a plain directory
+
+
+def test_the_learner_group_settings_reach_the_learner_and_nft_stays_on_one_learner():
+    config = load_config(None, ["run.num_learners=4", "run.learner_num_gpus=1", "run.learner_resources={learner_gpu: 1}"])
+    run = config.learner_settings().run
+    assert (run.num_learners, run.num_gpus, run.resources) == (4, 1.0, {"learner_gpu": 1.0})
+    assert load_config(None).learner_settings().run.num_learners == 1
+    with pytest.raises(ConfigError, match="num_learners > 1 needs algorithm.objective copo or sde_grpo"):
+        load_config(None, ["run.num_learners=2", "algorithm.objective=nft"])
+    with pytest.raises(ConfigError, match="run.num_learners"):
+        load_config(None, ["run.num_learners=0"])

@@ -32,7 +32,7 @@ import torch
 
 from learner.settings import AlgorithmSettings
 from reward_service.settings import RewardSettings
-from learner.objectives.base import GroupWithAdvantages, GuardedStep, StepStats, mean
+from learner.objectives.base import WHOLE_BATCH, GroupShard, GroupWithAdvantages, GuardedStep, StepStats, mean
 from learner.objectives.nft.loss import (
     NFT_TIMESTEPS,
     DynamicReferenceController,
@@ -159,8 +159,10 @@ class NftObjective:
         return draws
 
     def train_step(self, groups: list[GroupWithAdvantages], optimizer: torch.optim.Optimizer,
-                   guarded_step: GuardedStep) -> StepStats:
+                   guarded_step: GuardedStep, shard: GroupShard = WHOLE_BATCH) -> StepStats:
         """One iteration (an Astrolabe epoch) on `(group, advantages [G])` pairs that carry a signal."""
+        if shard.world_size > 1:  # its EMA, selection and reference statistics are taken over the whole batch
+            raise NotImplementedError("NFT trains on one learner (run.num_learners=1)")
         copied = self.begin_epoch()
         masks = self.select(groups) if self.adapters.reference is not None and groups else [None] * len(groups)
         chunk_stats, grad_norms, step_kls = [], [], []
