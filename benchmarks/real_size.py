@@ -57,11 +57,11 @@ def random_wan_codec(dtype: torch.dtype, device: torch.device | str, seed: int =
     """Wan's VAE (``config`` overrides diffusers' defaults, which are Wan2.1's) with random weights."""
     from diffusers import AutoencoderKLWan
 
-    from policy.vae import WanVideoCodec
+    from policy.vae import WanVideoCodec, codec_dtype
 
     with torch.device("meta"):
         vae = AutoencoderKLWan(**(config or {}))
-    materialize_random_(vae, dtype, device, seed)
+    materialize_random_(vae, codec_dtype(dtype, device), device, seed)
     codec = WanVideoCodec(vae)
     codec.latents_mean, codec.latents_std = codec.latents_mean.to(device), codec.latents_std.to(device)
     return codec

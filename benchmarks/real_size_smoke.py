@@ -52,7 +52,7 @@ def _check(ok: bool, what: str) -> None:
 
 
 def run_smoke(config: Config, latent: tuple[int, int, int] = (16, 4, 4), num_chunks: int = 2,
-              num_layers: int | None = None, seed: int = 0) -> dict:
+              num_layers: int | None = None, seed: int = 0, vae_config: dict | None = None) -> dict:
     alg, dtype = config.algorithm, DTYPES[config.policy.dtype]
     name = alg.effective_adapter_name
     times, t0 = {}, time.perf_counter()
@@ -62,7 +62,8 @@ def run_smoke(config: Config, latent: tuple[int, int, int] = (16, 4, 4), num_chu
 
         preset = register_preset(preset.model_copy(update={"name": f"{preset.name}-{num_layers}-blocks",
                                                           "transformer": {**preset.transformer, "num_layers": num_layers}}))
-    policy = real_size_policy(preset.name, dtype, "cpu", latent_shape=latent, num_chunks=num_chunks, seed=seed)
+    policy = real_size_policy(preset.name, dtype, "cpu", latent_shape=latent, num_chunks=num_chunks, seed=seed,
+                              vae_config=vae_config)
     if config.policy.activation_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
     add_adapter(policy, name, config.lora)  # the learner's: float32

@@ -167,9 +167,9 @@ def build_policy(
         if text_path is not None:
             text_encoder = _load_text_encoder(text_path, device, dtype)
         if vae_path is not None:
-            from policy.vae import WanVideoCodec
+            from policy.vae import WanVideoCodec, codec_dtype
 
-            codec = WanVideoCodec.from_pretrained(vae_path, dtype=dtype, device=device)
+            codec = WanVideoCodec.from_pretrained(vae_path, dtype=codec_dtype(dtype, device), device=device)
     transformer = transformer.cast(dtype, device).eval().requires_grad_(False)
     return StreamingVideoPolicy(
         transformer=transformer,

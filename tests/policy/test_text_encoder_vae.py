@@ -275,3 +275,12 @@ def test_wan_t5_map_covers_umt5_xxl():
     config = umt5_config_from_wan_state(wan_state)
     assert (config.d_model, config.d_kv, config.d_ff, config.num_layers, config.num_heads) == (4096, 64, 10240, 24, 64)
     check_state_matches(model, wan_t5_to_transformers(wan_state), "umT5-XXL key set")
+
+
+def test_the_vae_keeps_float32_on_a_cpu_and_the_policy_dtype_on_an_accelerator():
+    from policy.vae import codec_dtype
+
+    assert codec_dtype(torch.bfloat16, "cpu") == torch.float32  # half-precision Conv3d has no fast CPU kernel
+    assert codec_dtype(torch.bfloat16, "cuda") == torch.bfloat16
+    assert codec_dtype(torch.float16, torch.device("cuda", 1)) == torch.float16
+    assert codec_dtype(torch.float32, "cpu") == torch.float32
