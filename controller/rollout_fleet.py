@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError, RayTaskError
 
 from actor_group import ActorGroup, Member, wait_any
 from controller.config import Config
@@ -176,6 +176,9 @@ class RolloutFleet:
                 log.warning("broadcast to %s failed (%s); it reloads the adapter when restarted", member.name, type(err).__name__)
                 self.group.reprobe(member)
                 continue
+            except ObjectLostError as err:
+                _adapter_lost(member, version, err)
+                continue
             if held != version:
                 self._replace(member, f"it holds adapter version {held}, the learner's is {version}")
 
@@ -189,6 +192,9 @@ class RolloutFleet:
         except RayActorError as err:
             log.warning("broadcast to %s failed (%s); it reloads the adapter when restarted", member.name, type(err).__name__)
             self.group.reprobe(member)
+            return
+        except ObjectLostError as err:
+            _adapter_lost(member, version, err)
             return
         if held < version:  # a later broadcast's answer decides when it holds a newer one
             self._replace(member, f"it holds adapter version {held}, the learner's is {version}")
@@ -357,9 +363,19 @@ class RolloutFleet:
                 info.version = ray.get(member.handle.set_adapter.remote(version, ref))
             except RayActorError:
                 self.group.reprobe(member)  # died again: it pulls the adapter when restarted
+            except ObjectLostError as err:
+                _adapter_lost(member, version, err)
 
     def _await_store(self) -> None:
         wait_for_store(self.store_url, self.store_outage_s, "finished groups cannot be stored")
+
+
+def _adapter_lost(member: Member, version: int, err: ObjectLostError) -> None:
+    """An adapter whose owner, the learner that published it, died before the worker loaded it (a load
+    queued behind a group, with pipelining): the worker keeps the adapter it holds, and the broadcast
+    that follows the learner's restart brings it the restored one."""
+    log.warning("%s could not load adapter version %d: the learner that published it is gone (%s)",
+                member.name, version, type(err).__name__)
 
 
 def wait_for_store(store_url: str, outage_s: float, consequence: str) -> None:
