@@ -171,7 +171,8 @@ def test_a_store_whose_applied_set_was_lost_is_refused_at_restore(untrained_pock
     store = replay.open_store(url)
     for checkpoint in range(2):
         for i in range(2):
-            store.push(good(2 * checkpoint + i))
+            # made by the learner's current adapter, as in a sequential run (algorithm.max_policy_lag 0)
+            store.push(good(2 * checkpoint + i).model_copy(update={"policy_version": first.version}))
         first.train_on_policy(2, timeout_s=30)
         first.save_checkpoint()
     assert all(store.is_applied(f"good-{i}") for i in range(4))
