@@ -170,16 +170,8 @@ class RolloutFleet:
             self._adapter_loads.update(futures)
             return
         for future, (member, _) in futures.items():
-            try:
-                held = ray.get(future)
-            except RayActorError as err:
-                log.warning("broadcast to %s failed (%s); it reloads the adapter when restarted", member.name, type(err).__name__)
-                self.group.reprobe(member)
-                continue
-            except ObjectLostError as err:
-                _adapter_lost(member, version, err)
-                continue
-            if held != version:
+            held = self._load_answer(member, future, version)
+            if held is not None and held != version:
                 self._replace(member, f"it holds adapter version {held}, the learner's is {version}")
 
     def _adapter_loaded(self, ref: ray.ObjectRef) -> None:
@@ -187,17 +179,21 @@ class RolloutFleet:
         member, version = self._adapter_loads.pop(ref)
         if member not in self.group.members:
             return  # replaced meanwhile
+        held = self._load_answer(member, ref, version)
+        if held is not None and held < version:  # a later broadcast's answer decides when it holds a newer one
+            self._replace(member, f"it holds adapter version {held}, the learner's is {version}")
+
+    def _load_answer(self, member: Member, ref: ray.ObjectRef, version: int) -> int | None:
+        """The adapter version a worker holds after a load of `version`; None if the load failed (a dead
+        worker reloads the adapter when restarted; a lost adapter comes again with the next broadcast)."""
         try:
-            held = ray.get(ref)
+            return ray.get(ref)
         except RayActorError as err:
             log.warning("broadcast to %s failed (%s); it reloads the adapter when restarted", member.name, type(err).__name__)
             self.group.reprobe(member)
-            return
         except ObjectLostError as err:
             _adapter_lost(member, version, err)
-            return
-        if held < version:  # a later broadcast's answer decides when it holds a newer one
-            self._replace(member, f"it holds adapter version {held}, the learner's is {version}")
+        return None
 
     def _replace(self, member: Member, why: str) -> None:
         """Replace `member`; the tasks it was making go back to the queue."""

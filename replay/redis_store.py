@@ -113,8 +113,9 @@ class RedisStore(RedisBuffer, ReplayStore):
         err = lost_error(self._location, self._epoch or "(none yet)", found, during)
         return StoreLostError(f"{err} ({detail})") if detail else err
 
-    def _verify_epoch(self, during: str) -> None:
-        found = self._redis.get(self._epoch_key)
+    def _verify_epoch(self, during: str, client: Any = None) -> None:
+        """StoreLostError unless this run's epoch is there (read through `client`: a WATCHing pipeline)."""
+        found = (client or self._redis).get(self._epoch_key)
         if found is None or _text(found) != self._epoch:
             raise self._lost(during, None if found is None else _text(found))
 
@@ -163,9 +164,7 @@ class RedisStore(RedisBuffer, ReplayStore):
             with self._redis.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(self._epoch_key)
-                    found = pipe.get(self._epoch_key)
-                    if found is None or _text(found) != self._epoch:
-                        raise self._lost(what, None if found is None else _text(found))
+                    self._verify_epoch(what, pipe)
                     pipe.multi()
                     for key, piece in zip(keys, pieces):
                         pipe.set(key, piece, ex=ttl_s)
